@@ -1,0 +1,399 @@
+"""FlashAttention backward pass in Triton: recompute the attention probabilities from the saved LSE.
+
+With P = exp(S - lse) recomputed block by block (S = scale * q k^T), Z the dropout keep-mask and
+r = 1 / (1 - dropout_p):
+    dV = (P * Z * r)^T dO
+    dP = (dO V^T) * Z * r
+    dS = P * (dP - D),   D = rowsum(dO * O) - dlse     (dlse: gradient flowing into the returned lse)
+    dQ = scale * dS K,   dK = scale * dS^T Q
+Three launches, none with atomics, so gradients are bitwise deterministic:
+  1. `_bwd_preprocess`: D per query row.
+  2. `_bwd_dkdv_kernel`: one program per key block of one kv head; it walks the query blocks of every
+     query head in its GQA group, so dK and dV are sums formed in registers in a fixed order.
+  3. `_bwd_dq_kernel`: one program per query block; it walks the key blocks like the forward pass.
+Layouts are those of `kernels.flash_fwd` (dq/dk/dv share q/k/v's layout; D shares lse's).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.flash_fwd import dropout_keep, interpreting
+
+
+@triton.jit
+def _bwd_preprocess(
+    Out, DOut, DLse, Delta, stride_ob, stride_ot, stride_oh, stride_db, stride_dt, stride_dh,
+    stride_lb, stride_lh, stride_lt, seqlen, nheads,
+    HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Delta[b, h, t] = sum_d Out * DOut - DLse, for BLOCK rows t of one (b, h)."""
+    offs_t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    bh = tl.program_id(1)
+    b = bh // nheads
+    h = bh % nheads
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_t[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(
+        Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_t[:, None] * stride_ot + offs_d[None, :],
+        mask=mask,
+        other=0.0,
+    )
+    do = tl.load(
+        DOut + b.to(tl.int64) * stride_db + h * stride_dh + offs_t[:, None] * stride_dt + offs_d[None, :],
+        mask=mask,
+        other=0.0,
+    )
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    l_ptrs = b.to(tl.int64) * stride_lb + h * stride_lh + offs_t * stride_lt
+    if HAS_DLSE:
+        delta -= tl.load(DLse + l_ptrs, mask=offs_t < seqlen, other=0.0)
+    tl.store(Delta + l_ptrs, delta, mask=offs_t < seqlen)
+
+
+@triton.jit
+def _bwd_dkdv_inner(
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
+    start_n, offs_n, offs_d, lo, hi, seqlen_q, causal_shift, qk_scale, seed, bh, drop_threshold, drop_scale,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Add the contributions of query rows lo .. hi to one key block's dK, dV (kept transposed: keys x queries)."""
+    offs_m0 = tl.arange(0, BLOCK_M)
+    d_ok = offs_d < HEAD_DIM
+    for start_m in tl.range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        q_ptrs = q_base + offs_m[None, :] * stride_qt + offs_d[:, None]
+        do_ptrs = do_base + offs_m[:, None] * stride_dot + offs_d[None, :]
+        if MASKED:
+            m_ok = offs_m < seqlen_q
+            qT = tl.load(q_ptrs, mask=m_ok[None, :] & d_ok[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            # Rows past the end get lse = +inf, so their probabilities are exactly 0.
+            lse = tl.load(lse_base + offs_m * stride_lt, mask=m_ok, other=float("inf"))
+            delta = tl.load(delta_base + offs_m * stride_lt, mask=m_ok, other=0.0)
+        else:
+            if BLOCK_D != HEAD_DIM:
+                qT = tl.load(q_ptrs, mask=d_ok[:, None], other=0.0)
+                do = tl.load(do_ptrs, mask=d_ok[None, :], other=0.0)
+            else:
+                qT = tl.load(q_ptrs)
+                do = tl.load(do_ptrs)
+            lse = tl.load(lse_base + offs_m * stride_lt)
+            delta = tl.load(delta_base + offs_m * stride_lt)
+        # Rows that saw no key have lse = -inf and P = 0: treat them as +inf.
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        qkT = tl.dot(k, qT)
+        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+        if MASKED:
+            if IS_CAUSAL:
+                pT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_shift, pT, 0.0)
+        dpT = tl.dot(v, tl.trans(do))
+        if HAS_DROPOUT:
+            keepT = tl.trans(dropout_keep(seed, bh, offs_m, start_n, drop_threshold, BLOCK_N))
+            pdT = tl.where(keepT, pT * drop_scale, 0.0)
+            dpT = tl.where(keepT, dpT * drop_scale, 0.0)
+        else:
+            pdT = pT
+        dv = tl.dot(pdT.to(do.dtype), do, dv)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dq_inner(
+    dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt,
+    offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold, drop_scale,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Add the contributions of keys lo .. hi to one query block's dQ."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < HEAD_DIM
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n0
+        k_ptrs = k_base + cols[None, :] * stride_kt + offs_d[:, None]
+        v_ptrs = v_base + cols[None, :] * stride_vt + offs_d[:, None]
+        if MASKED:
+            ok = (cols[None, :] < seqlen_k) & d_ok[:, None]
+            kT = tl.load(k_ptrs, mask=ok, other=0.0)
+            vT = tl.load(v_ptrs, mask=ok, other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            kT = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+            vT = tl.load(v_ptrs, mask=d_ok[:, None], other=0.0)
+        else:
+            kT = tl.load(k_ptrs)
+            vT = tl.load(v_ptrs)
+        qk = tl.dot(q, kT)
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if MASKED:
+            allowed = cols[None, :] < seqlen_k
+            if IS_CAUSAL:
+                allowed = allowed & (cols[None, :] <= offs_m[:, None] + causal_shift)
+            p = tl.where(allowed, p, 0.0)
+        dp = tl.dot(do, vT)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, bh, offs_m, start_n, drop_threshold, BLOCK_N)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
+    return dq
+
+
+def _bwd_configs() -> list:
+    if interpreting() or not torch.cuda.is_available():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [
+            (32, 128, 8, 2),
+            (64, 128, 8, 2),
+            (64, 128, 8, 3),
+            (32, 64, 4, 2),
+            (64, 64, 4, 2),
+            (64, 64, 8, 3),
+            (128, 128, 8, 2),
+            (128, 64, 8, 2),
+            (16, 64, 4, 2),
+        ]
+    ]
+
+
+def _prune_bwd(configs, named_args, **kwargs):
+    d = named_args["HEAD_DIM"] if "HEAD_DIM" in named_args else kwargs["HEAD_DIM"]
+    out = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if d > 128 and (bm * bn > 32 * 64 or c.num_stages > 2):
+            continue
+        if d > 64 and bm * bn > 64 * 128:
+            continue
+        out.append(c)
+    return out or configs[-1:]
+
+
+_BWD_KEY = ["HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT", "IS_VARLEN", "IS_SPARSE", "Q_BUCKET", "K_BUCKET"]
+
+
+@triton.autotune(configs=_bwd_configs(), key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune_bwd})
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV, CuQ, CuK, SparseIdx, SparseCnt,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
+    stride_lb, stride_lh, stride_lt, sparse_heads, sparse_nk, sparse_nq,
+    seqlen_q, seqlen_k, nheads_k, gqa_group, qk_scale, sm_scale, seed, drop_threshold, drop_scale,
+    Q_BUCKET, K_BUCKET,
+    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, IS_SPARSE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPARSE_BLOCK_SIZE: tl.constexpr,
+):  # fmt: skip
+    start_n = tl.program_id(0) * BLOCK_N
+    bhk = tl.program_id(1)
+    b = bhk // nheads_k
+    hk = bhk % nheads_k
+    if IS_VARLEN:
+        q_start = tl.load(CuQ + b)
+        seqlen_q = tl.load(CuQ + b + 1) - q_start
+        k_start = tl.load(CuK + b)
+        seqlen_k = tl.load(CuK + b + 1) - k_start
+        q_off = q_start.to(tl.int64) * stride_qt
+        do_off = q_start.to(tl.int64) * stride_dot
+        l_off = q_start.to(tl.int64) * stride_lt
+        k_off = k_start.to(tl.int64) * stride_kt
+        v_off = k_start.to(tl.int64) * stride_vt
+        dk_off = k_start.to(tl.int64) * stride_dkt
+        dv_off = k_start.to(tl.int64) * stride_dvt
+    else:
+        q_off = b.to(tl.int64) * stride_qb
+        do_off = b.to(tl.int64) * stride_dob
+        l_off = b.to(tl.int64) * stride_lb
+        k_off = b.to(tl.int64) * stride_kb
+        v_off = b.to(tl.int64) * stride_vb
+        dk_off = b.to(tl.int64) * stride_dkb
+        dv_off = b.to(tl.int64) * stride_dvb
+    if start_n >= seqlen_k:
+        return
+    causal_shift = seqlen_k - seqlen_q
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(
+        K + k_off + hk * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0
+    )
+    v = tl.load(
+        V + v_off + hk * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0
+    )
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # Query rows [lo, mid) cross the causal diagonal; [mid, full_end) need no mask; the rest is ragged.
+    if IS_CAUSAL:
+        lo = tl.maximum(start_n - causal_shift, 0) // BLOCK_M * BLOCK_M
+        mid = tl.maximum((start_n + BLOCK_N - 1 - causal_shift + BLOCK_M - 1) // BLOCK_M * BLOCK_M, lo)
+    else:
+        lo = 0
+        mid = 0
+    full_end = seqlen_q // BLOCK_M * BLOCK_M
+    q_ceil = (seqlen_q + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    for g in range(0, gqa_group):
+        h = hk * gqa_group + g
+        q_base = Q + q_off + h * stride_qh
+        do_base = DO + do_off + h * stride_doh
+        lse_base = Lse + l_off + h * stride_lh
+        delta_base = Delta + l_off + h * stride_lh
+        bh = b * nheads_k * gqa_group + h
+        if IS_SPARSE:
+            col = (h % sparse_heads) * sparse_nk + start_n // SPARSE_BLOCK_SIZE
+            count = tl.load(SparseCnt + col)
+            for t in range(0, count):
+                qb = tl.load(SparseIdx + col * sparse_nq + t)
+                s_lo = qb * SPARSE_BLOCK_SIZE
+                s_hi = tl.minimum(s_lo + SPARSE_BLOCK_SIZE, seqlen_q)
+                dk, dv = _bwd_dkdv_inner(
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
+                    start_n, offs_n, offs_d, s_lo, s_hi, seqlen_q, causal_shift, qk_scale, seed, bh, drop_threshold,
+                    drop_scale, True, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
+                )  # fmt: skip
+        else:
+            dk, dv = _bwd_dkdv_inner(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
+                start_n, offs_n, offs_d, lo, tl.minimum(mid, q_ceil), seqlen_q, causal_shift, qk_scale, seed, bh,
+                drop_threshold, drop_scale, True, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
+            )  # fmt: skip
+            dk, dv = _bwd_dkdv_inner(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
+                start_n, offs_n, offs_d, mid, full_end, seqlen_q, causal_shift, qk_scale, seed, bh,
+                drop_threshold, drop_scale, False, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
+            )  # fmt: skip
+            dk, dv = _bwd_dkdv_inner(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
+                start_n, offs_n, offs_d, tl.maximum(mid, full_end), seqlen_q, seqlen_q, causal_shift, qk_scale, seed,
+                bh, drop_threshold, drop_scale, True, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
+            )  # fmt: skip
+    dk = dk * sm_scale
+    tl.store(
+        DK + dk_off + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
+        dk.to(DK.dtype.element_ty),
+        mask=kv_mask,
+    )
+    tl.store(
+        DV + dv_off + hk * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=kv_mask,
+    )
+
+
+def _dq_configs() -> list:
+    if interpreting() or not torch.cuda.is_available():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [
+            (128, 32, 8, 2),
+            (128, 64, 8, 2),
+            (128, 64, 8, 3),
+            (64, 64, 4, 2),
+            (64, 32, 4, 2),
+            (128, 128, 8, 2),
+            (64, 128, 8, 2),
+            (32, 64, 4, 2),
+        ]
+    ]
+
+
+@triton.autotune(configs=_dq_configs(), key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune_bwd})
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, Lse, Delta, DQ, CuQ, CuK, SparseIdx, SparseCnt,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
+    stride_lb, stride_lh, stride_lt, sparse_heads, sparse_nq, sparse_nk,
+    seqlen_q, seqlen_k, nheads, gqa_group, qk_scale, sm_scale, seed, drop_threshold, drop_scale,
+    Q_BUCKET, K_BUCKET,
+    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, IS_SPARSE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPARSE_BLOCK_SIZE: tl.constexpr,
+):  # fmt: skip
+    num_m = tl.num_programs(0)
+    start_m = (num_m - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // nheads
+    h = bh % nheads
+    hk = h // gqa_group
+    if IS_VARLEN:
+        q_start = tl.load(CuQ + b)
+        seqlen_q = tl.load(CuQ + b + 1) - q_start
+        k_start = tl.load(CuK + b)
+        seqlen_k = tl.load(CuK + b + 1) - k_start
+        q_off = q_start.to(tl.int64) * stride_qt
+        do_off = q_start.to(tl.int64) * stride_dot
+        dq_off = q_start.to(tl.int64) * stride_dqt
+        l_off = q_start.to(tl.int64) * stride_lt
+        k_off = k_start.to(tl.int64) * stride_kt
+        v_off = k_start.to(tl.int64) * stride_vt
+    else:
+        q_off = b.to(tl.int64) * stride_qb
+        do_off = b.to(tl.int64) * stride_dob
+        dq_off = b.to(tl.int64) * stride_dqb
+        l_off = b.to(tl.int64) * stride_lb
+        k_off = b.to(tl.int64) * stride_kb
+        v_off = b.to(tl.int64) * stride_vb
+    if start_m >= seqlen_q:
+        return
+    causal_shift = seqlen_k - seqlen_q
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < seqlen_q
+    qd_mask = m_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(
+        Q + q_off + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :], mask=qd_mask, other=0.0
+    )
+    do = tl.load(
+        DO + do_off + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :], mask=qd_mask, other=0.0
+    )
+    lse = tl.load(Lse + l_off + h * stride_lh + offs_m * stride_lt, mask=m_ok, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(Delta + l_off + h * stride_lh + offs_m * stride_lt, mask=m_ok, other=0.0)
+    k_base = K + k_off + hk * stride_kh
+    v_base = V + v_off + hk * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if IS_SPARSE:
+        row = (h % sparse_heads) * sparse_nq + start_m // SPARSE_BLOCK_SIZE
+        count = tl.load(SparseCnt + row)
+        for t in range(0, count):
+            kb = tl.load(SparseIdx + row * sparse_nk + t)
+            lo = kb * SPARSE_BLOCK_SIZE
+            hi = tl.minimum(lo + SPARSE_BLOCK_SIZE, seqlen_k)
+            dq = _bwd_dq_inner(
+                dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi,
+                seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold, drop_scale,
+                True, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D,
+            )  # fmt: skip
+    else:
+        if IS_CAUSAL:
+            hi = tl.maximum(tl.minimum(seqlen_k, start_m + BLOCK_M + causal_shift), 0)
+            full_hi = tl.minimum(
+                (start_m + causal_shift + 1) // BLOCK_N * BLOCK_N, seqlen_k // BLOCK_N * BLOCK_N
+            )
+            full_hi = tl.maximum(full_hi, 0)
+        else:
+            hi = seqlen_k
+            full_hi = seqlen_k // BLOCK_N * BLOCK_N
+        dq = _bwd_dq_inner(
+            dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, full_hi,
+            seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold, drop_scale,
+            False, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D,
+        )  # fmt: skip
+        dq = _bwd_dq_inner(
+            dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, full_hi, hi,
+            seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold, drop_scale,
+            True, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D,
+        )  # fmt: skip
+    dq = dq * sm_scale
+    tl.store(
+        DQ + dq_off + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=qd_mask,
+    )

@@ -1,0 +1,274 @@
+"""FlashAttention forward pass in Triton: tiled exact attention with an online softmax.
+
+One program computes BLOCK_M query rows of one (batch, head): it streams the keys and values in
+blocks of BLOCK_N, keeping a running max `m_i`, a running sum `l_i` and an unnormalized output `acc`
+in registers, so the (seqlen_q, seqlen_k) score matrix never reaches memory. Scores are kept in base 2
+(scaled by softmax_scale * log2(e)) so the exponentials are `exp2`.
+
+Tensor layouts (strides are passed, so views such as q/k/v slices of one packed qkv tensor work):
+  dense:  q (batch, seqlen_q, nheads, headdim), k/v (batch, seqlen_k, nheads_k, headdim),
+          lse (batch, nheads, seqlen_q) float32.
+  varlen: q (total_q, nheads, headdim), k/v (total_k, nheads_k, headdim); sequence b occupies rows
+          cu_seqlens[b]:cu_seqlens[b+1]; lse (nheads, total_q) float32.
+The head dimension must be contiguous (stride 1).
+
+Key loops are split into blocks that need no mask (fully inside the sequence and below the causal
+diagonal) and the few boundary blocks that do. Causal masking is aligned to the bottom-right corner:
+query i sees key j when j <= i + seqlen_k - seqlen_q.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2_C: tl.constexpr = tl.constexpr(0.6931471805599453)
+# Block size of block-sparse masks: a mask entry covers SPARSE_BLOCK queries x SPARSE_BLOCK keys.
+SPARSE_BLOCK = 128
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def dropout_keep(seed, bh, rows, start_n, drop_threshold, BLOCK_N: tl.constexpr):
+    """Keep-mask (len(rows), BLOCK_N) for columns start_n .. start_n + BLOCK_N of head `bh`.
+
+    One Philox4x32-7 call yields 8 16-bit numbers, which decide columns 8c .. 8c+7 of a row; the
+    counter is (column group c, row, bh), so the mask of an element depends only on its position and
+    the seed, never on the tiling. An element is kept when its 16-bit number is >= drop_threshold
+    (= round(dropout_p * 65536)).
+    """
+    groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)
+    c0 = groups[None, :] + rows[:, None] * 0
+    c1 = rows[:, None] + groups[None, :] * 0
+    c2 = c0 * 0 + bh
+    r0, r1, r2, r3 = tl.philox(
+        seed, c0.to(tl.uint32), c1.to(tl.uint32), c2.to(tl.uint32), c2.to(tl.uint32) * 0, 7
+    )
+    lo = tl.join(tl.join(r0 & 0xFFFF, r0 >> 16), tl.join(r1 & 0xFFFF, r1 >> 16))
+    hi = tl.join(tl.join(r2 & 0xFFFF, r2 >> 16), tl.join(r3 & 0xFFFF, r3 >> 16))
+    r = tl.reshape(tl.join(lo, hi), (rows.shape[0], BLOCK_N))
+    return r >= drop_threshold
+
+
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+    offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Fold keys lo .. hi (multiples of BLOCK_N, except hi when MASKED) into (acc, l_i, m_i)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < HEAD_DIM
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k_ptrs = k_base + cols[None, :] * stride_kt + offs_d[:, None]
+        v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
+        if MASKED:
+            kT = tl.load(k_ptrs, mask=(cols[None, :] < seqlen_k) & d_ok[:, None], other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            kT = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+        else:
+            kT = tl.load(k_ptrs)
+        qk = tl.dot(q, kT)
+        if MASKED:
+            allowed = cols[None, :] < seqlen_k
+            if IS_CAUSAL:
+                allowed = allowed & (cols[None, :] <= offs_m[:, None] + causal_shift)
+            qk = tl.where(allowed, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # A row with no allowed key so far keeps m = -inf; subtract 0 instead to avoid inf - inf.
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_sub[:, None])
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_sub = m_new
+            p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            p = tl.where(dropout_keep(seed, bh, offs_m, start_n, drop_threshold, BLOCK_N), p, 0.0)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=(cols[:, None] < seqlen_k) & d_ok[None, :], other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+def _fwd_configs() -> list:
+    if interpreting() or not torch.cuda.is_available():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [
+            (128, 128, 8, 2),
+            (128, 128, 8, 3),
+            (128, 64, 4, 3),
+            (128, 64, 8, 3),
+            (128, 64, 8, 4),
+            (128, 32, 4, 3),
+            (64, 64, 4, 3),
+            (64, 64, 4, 2),
+            (64, 32, 4, 2),
+        ]
+    ]
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    """Drop tiles whose shared memory cannot fit at large head dims."""
+    d = named_args["HEAD_DIM"] if "HEAD_DIM" in named_args else kwargs["HEAD_DIM"]
+    out = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if d > 128 and (bm * bn > 64 * 64 or c.num_stages > 2):
+            continue
+        if d > 64 and bn > 64 and c.num_stages > 2:
+            continue
+        out.append(c)
+    return out or configs[-1:]
+
+
+@triton.autotune(
+    configs=_fwd_configs(),
+    key=["HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT", "IS_VARLEN", "IS_SPARSE", "Q_BUCKET", "K_BUCKET"],
+    prune_configs_by={"early_config_prune": _prune_fwd},
+)
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Out, Lse, CuQ, CuK, SparseIdx, SparseCnt,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
+    stride_lb, stride_lh, stride_lt, sparse_heads, sparse_nq, sparse_nk,
+    seqlen_q, seqlen_k, nheads, gqa_group, qk_scale, seed, drop_threshold, drop_scale,
+    Q_BUCKET, K_BUCKET,
+    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, IS_SPARSE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPARSE_BLOCK_SIZE: tl.constexpr,
+):  # fmt: skip
+    # Longest causal rows first: reversed block order balances the tail of the grid.
+    num_m = tl.num_programs(0)
+    start_m = (num_m - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // nheads
+    h = bh % nheads
+    hk = h // gqa_group
+    if IS_VARLEN:
+        q_start = tl.load(CuQ + b)
+        seqlen_q = tl.load(CuQ + b + 1) - q_start
+        k_start = tl.load(CuK + b)
+        seqlen_k = tl.load(CuK + b + 1) - k_start
+        q_off = q_start.to(tl.int64) * stride_qt
+        k_off = k_start.to(tl.int64) * stride_kt
+        v_off = k_start.to(tl.int64) * stride_vt
+        o_off = q_start.to(tl.int64) * stride_ot
+        l_off = q_start.to(tl.int64) * stride_lt
+    else:
+        q_off = b.to(tl.int64) * stride_qb
+        k_off = b.to(tl.int64) * stride_kb
+        v_off = b.to(tl.int64) * stride_vb
+        o_off = b.to(tl.int64) * stride_ob
+        l_off = b.to(tl.int64) * stride_lb
+    if start_m >= seqlen_q:
+        return
+    causal_shift = seqlen_k - seqlen_q
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ptrs = Q + q_off + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    k_base = K + k_off + hk * stride_kh
+    v_base = V + v_off + hk * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    if IS_SPARSE:
+        # Visit only the nonzero key blocks of this query block's row of the block mask.
+        row = (h % sparse_heads) * sparse_nq + start_m // SPARSE_BLOCK_SIZE
+        count = tl.load(SparseCnt + row)
+        for t in range(0, count):
+            kb = tl.load(SparseIdx + row * sparse_nk + t)
+            lo = kb * SPARSE_BLOCK_SIZE
+            hi = tl.minimum(lo + SPARSE_BLOCK_SIZE, seqlen_k)
+            acc, l_i, m_i = _fwd_inner(
+                acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi,
+                seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold,
+                True, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D,
+            )  # fmt: skip
+    else:
+        # Keys [0, full_hi) need no mask; [full_hi, hi) hold the causal diagonal and the ragged end.
+        if IS_CAUSAL:
+            hi = tl.minimum(seqlen_k, start_m + BLOCK_M + causal_shift)
+            full_hi = tl.minimum(
+                (start_m + causal_shift + 1) // BLOCK_N * BLOCK_N, seqlen_k // BLOCK_N * BLOCK_N
+            )
+            hi = tl.maximum(hi, 0)
+            full_hi = tl.maximum(full_hi, 0)
+        else:
+            hi = seqlen_k
+            full_hi = seqlen_k // BLOCK_N * BLOCK_N
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, full_hi,
+            seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold,
+            False, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D,
+        )  # fmt: skip
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, full_hi, hi,
+            seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold,
+            True, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D,
+        )  # fmt: skip
+
+    # Rows that saw no key (causal with seqlen_q > seqlen_k, empty sparse rows) output 0, lse = -inf.
+    empty = l_i == 0.0
+    acc = acc * (drop_scale / tl.where(empty, 1.0, l_i))[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2_C)
+    o_ptrs = Out + o_off + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    tl.store(
+        o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+    )
+    tl.store(Lse + l_off + h * stride_lh + offs_m * stride_lt, lse, mask=offs_m < seqlen_q)
+
+
+def seqlen_bucket(n: int) -> int:
+    """Autotuning key for a sequence length: the next power of two, clamped to [64, 16384]."""
+    return min(max(triton.next_power_of_2(max(n, 1)), 64), 16384)
+
+
+@triton.jit
+def _dropout_mask_kernel(
+    Mask, seed, drop_threshold, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """Write the keep-mask of head `bh` = program_id(2) into Mask (batch * nheads, seqlen_q, seqlen_k)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_n = tl.program_id(1) * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    bh = tl.program_id(2)
+    keep = dropout_keep(seed, bh, offs_m, start_n, drop_threshold, BLOCK_N)
+    ptrs = Mask + bh.to(tl.int64) * seqlen_q * seqlen_k + offs_m[:, None] * seqlen_k + offs_n[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k))
+
+
+def dropout_mask(
+    batch: int, nheads: int, seqlen_q: int, seqlen_k: int, seed: int, dropout_p: float, device
+) -> torch.Tensor:
+    """The keep-mask the kernels apply for `seed`: (batch, nheads, seqlen_q, seqlen_k) bool (for tests).
+
+    For varlen inputs, sequence b of the batch uses head index b * nheads + h and local positions.
+    """
+    mask = torch.empty((batch * nheads, seqlen_q, seqlen_k), dtype=torch.int8, device=device)
+    grid = (triton.cdiv(seqlen_q, 32), triton.cdiv(seqlen_k, 32), batch * nheads)
+    _dropout_mask_kernel[grid](
+        mask, seed, int(round(dropout_p * 65536)), seqlen_q, seqlen_k, BLOCK_M=32, BLOCK_N=32
+    )
+    return mask.view(batch, nheads, seqlen_q, seqlen_k).bool()

@@ -1,0 +1,433 @@
+"""FlashAttention kernels against float64 attention.
+
+Tolerance follows flash-attn's rule: the kernel's max error against the float64 reference is at most
+twice the error of the same-precision PyTorch reference (kernels.reference in q's dtype), plus a small
+absolute slack. On the CPU the kernels run in Triton's interpreter (fp32 / fp16, small sizes); the
+GPU tests (bf16, long sequences, determinism) skip without CUDA.
+"""
+
+import math
+
+import pytest
+import torch
+
+from kernels import (
+    SPARSE_BLOCK,
+    attention_ref,
+    block_sparse_flash_attn_func,
+    butterfly_block_mask,
+    flash_attn_func,
+    flash_attn_varlen_func,
+    local_global_block_mask,
+    pad_input,
+    unpad_input,
+)
+from kernels.attention import draw_seed, flash_bwd, flash_fwd
+from kernels.flash_fwd import dropout_mask
+from kernels.reference import block_mask_to_dense
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+SLACK = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def run(fn, inputs, dout, extra_grad=None):
+    """Forward and backward of fn on fresh leaves; returns (outputs, grads)."""
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    out = fn(*leaves)
+    outs = out if isinstance(out, tuple) else (out,)
+    loss = (outs[0].float() * dout.float()).sum()
+    if extra_grad is not None:
+        loss = loss + (outs[1].float() * extra_grad.float()).sum()
+    loss.backward()
+    return [o.detach() for o in outs], [x.grad for x in leaves]
+
+
+def check(name, got, same, ref64, dtype):
+    """flash-attn's rule: |got - ref64| <= 2 |same - ref64| + slack, elementwise max over the tensor."""
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    err = (got.double() - ref64).abs().max().item()
+    base = (same.double() - ref64).abs().max().item()
+    assert err <= 2 * base + SLACK[dtype], f"{name}: error {err:.3g} vs reference error {base:.3g}"
+
+
+def compare(flash_fn, ref_fn, inputs, dtype, dout=None, dlse=None):
+    """Check outputs and all gradients of flash_fn against ref_fn in float64 and in `dtype`."""
+    flash_out, flash_grads = run(flash_fn, inputs, dout, dlse)
+    ref_out, ref_grads = run(ref_fn, [x.double() for x in inputs], dout, dlse)
+    same_out, same_grads = run(ref_fn, inputs, dout, dlse)
+    for i, (a, b, c) in enumerate(zip(flash_out, same_out, ref_out, strict=True)):
+        if i == 1:  # lse: compare where finite, and -inf exactly where the reference has it
+            assert torch.equal(torch.isinf(a), torch.isinf(c)), "lse: -inf rows differ"
+            a, b, c = (torch.where(torch.isinf(c), 0, x.double()) for x in (a, b, c))
+        check(f"output {i}", a, b, c, dtype)
+    for i, (a, b, c) in enumerate(zip(flash_grads, same_grads, ref_grads, strict=True)):
+        check(f"gradient of input {i}", a, b, c, dtype)
+
+
+def rand(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device=DEVICE, dtype=dtype)
+
+
+CPU_DTYPE = torch.float32 if not CUDA else torch.bfloat16
+
+DENSE_CASES = [
+    # batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, causal
+    (2, 37, 37, 2, 2, 32, False),
+    (2, 37, 37, 2, 2, 32, True),
+    (1, 100, 47, 2, 2, 64, True),  # seqlen_q > seqlen_k: the first rows see no key
+    (1, 47, 100, 2, 2, 64, True),
+    (2, 65, 33, 4, 1, 16, False),  # MQA
+    (1, 70, 81, 4, 2, 96, True),  # GQA, padded head dim
+    (1, 1, 1, 1, 1, 128, False),
+    (1, 17, 130, 2, 2, 256, False),
+]
+
+
+@pytest.mark.parametrize("b,sq,sk,h,hk,d,causal", DENSE_CASES)
+def test_dense_matches_float64(b, sq, sk, h, hk, d, causal):
+    torch.manual_seed(sq * 1000 + sk + d)
+    q, k, v = rand(b, sq, h, d), rand(b, sk, hk, d), rand(b, sk, hk, d)
+    dout, dlse = rand(b, sq, h, d), rand(b, h, sq)
+    compare(
+        lambda q, k, v: flash_attn_func(q, k, v, causal=causal, return_lse=True),
+        lambda q, k, v: attention_ref(q, k, v, causal=causal, return_lse=True),
+        [q, k, v], torch.float32, dout, dlse,
+    )  # fmt: skip
+
+
+def test_fp16_in_interpreter():
+    torch.manual_seed(1)
+    q, k, v = (rand(1, 50, 2, 32, dtype=torch.float16) for _ in range(3))
+    dout = rand(1, 50, 2, 32, dtype=torch.float16)
+    compare(
+        lambda q, k, v: flash_attn_func(q, k, v, causal=True),
+        lambda q, k, v: attention_ref(q, k, v, causal=True),
+        [q, k, v], torch.float16, dout,
+    )  # fmt: skip
+
+
+def test_softmax_scale_and_views_of_packed_qkv():
+    torch.manual_seed(2)
+    qkv = rand(2, 45, 3, 2, 32)  # (batch, seqlen, 3, nheads, headdim): q/k/v are strided views
+    dout = rand(2, 45, 2, 32)
+    compare(
+        lambda qkv: flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], softmax_scale=0.3, causal=True),
+        lambda qkv: attention_ref(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], softmax_scale=0.3, causal=True),
+        [qkv], torch.float32, dout,
+    )  # fmt: skip
+    # A last dimension that is not contiguous is copied, not misread.
+    q = rand(1, 20, 2, 32).transpose(-1, -2).contiguous().transpose(-1, -2)
+    torch.testing.assert_close(flash_attn_func(q, q, q), attention_ref(q, q, q), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_matches_per_sequence_float64(causal):
+    torch.manual_seed(3)
+    lens_q, lens_k = [5, 150, 1, 40], [9, 120, 33, 40]
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    h, d = 2, 32
+    q, k, v = rand(sum(lens_q), h, d), rand(sum(lens_k), h, d), rand(sum(lens_k), h, d)
+    dout, dlse = rand(sum(lens_q), h, d), rand(h, sum(lens_q))
+
+    def ref(q, k, v):
+        outs, lses = [], []
+        for i in range(len(lens_q)):
+            sq, sk = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+            o, lse = attention_ref(q[None, sq], k[None, sk], v[None, sk], causal=causal, return_lse=True)
+            outs.append(o[0])
+            lses.append(lse[0])
+        return torch.cat(outs), torch.cat(lses, dim=1)
+
+    compare(
+        lambda q, k, v: flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal,
+                                               return_lse=True),
+        ref, [q, k, v], torch.float32, dout, dlse,
+    )  # fmt: skip
+
+
+def test_unpad_pad_roundtrip_and_padding_mask():
+    """Padded batch + key padding mask == unpadded varlen attention."""
+    torch.manual_seed(4)
+    b, s, h, d = 3, 70, 2, 32
+    lengths = torch.tensor([70, 12, 51], device=DEVICE)
+    mask = torch.arange(s, device=DEVICE)[None, :] < lengths[:, None]
+    x = rand(b, s, h, d)
+    x_unpad, indices, cu, max_len = unpad_input(x, mask)
+    assert x_unpad.shape == (int(lengths.sum()), h, d) and max_len == 70
+    assert cu.tolist() == [0, 70, 82, 133]
+    back = pad_input(x_unpad, indices, b, s)
+    assert torch.equal(back[mask], x[mask]) and torch.all(back[~mask] == 0)
+    out = pad_input(
+        flash_attn_varlen_func(x_unpad, x_unpad, x_unpad, cu, cu, max_len, max_len), indices, b, s
+    )
+    ref = attention_ref(x.double(), x.double(), x.double(), attn_mask=mask[:, None, None, :])
+    torch.testing.assert_close(out[mask].double(), ref[mask], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_sparse_matches_masked_float64(causal):
+    torch.manual_seed(5)
+    b, n, h, d = 1, 300, 2, 32
+    q, k, v = rand(b, n, h, d), rand(b, n, h, d), rand(b, n, h, d)
+    dout, dlse = rand(b, n, h, d), rand(b, h, n)
+    # Per-head masks; head 0 has an empty block row (query block 1 sees nothing).
+    block_mask = torch.tensor(
+        [[[1, 0, 1], [0, 0, 0], [1, 1, 0]], [[1, 0, 0], [1, 1, 0], [0, 1, 1]]],
+        dtype=torch.bool,
+        device=DEVICE,
+    )
+    dense = block_mask_to_dense(block_mask, n, n, SPARSE_BLOCK)[None]
+    compare(
+        lambda q, k, v: block_sparse_flash_attn_func(q, k, v, block_mask, causal=causal, return_lse=True),
+        lambda q, k, v: attention_ref(q, k, v, attn_mask=dense, causal=causal, return_lse=True),
+        [q, k, v], torch.float32, dout, dlse,
+    )  # fmt: skip
+
+
+def test_block_mask_generators():
+    m = butterfly_block_mask(4096)
+    assert m.shape == (1, 32, 32) and m.dtype == torch.bool
+    assert torch.equal(m, m.transpose(1, 2)) and m[0].diagonal().all()
+    assert m[0].sum(1).tolist() == [6] * 32  # the diagonal + one partner per bit of 32 = 2^5
+    assert butterfly_block_mask(4096, max_stride=4)[0, 0].nonzero().flatten().tolist() == [0, 1, 2, 4]
+    lg = local_global_block_mask(1000, 700, window_blocks=1, global_blocks=1)
+    assert lg.shape == (1, 8, 6)
+    assert lg[0, 5].nonzero().flatten().tolist() == [0, 4, 5]
+    assert lg[0, 0].all() and lg[0, :, 0].all()
+
+
+def dropout_case(seed, p=0.2, b=1, n=96, h=2, d=32, causal=False):
+    torch.manual_seed(7)
+    q, k, v = rand(b, n, h, d), rand(b, n, h, d), rand(b, n, h, d)
+    torch.manual_seed(seed)
+    out, grads = run(lambda q, k, v: flash_attn_func(q, k, v, dropout_p=p, causal=causal), [q, k, v], q)
+    return (q, k, v), out[0], grads
+
+
+def test_dropout_is_reproducible_per_seed():
+    _, out1, g1 = dropout_case(seed=11)
+    _, out2, g2 = dropout_case(seed=11)
+    _, out3, g3 = dropout_case(seed=12)
+    assert torch.equal(out1, out2) and all(torch.equal(a, b) for a, b in zip(g1, g2, strict=True))
+    assert not torch.equal(out1, out3) and not torch.equal(g1[0], g3[0])
+
+
+def test_dropout_gradients_match_reference_with_recovered_mask():
+    for causal in (False, True):
+        (q, k, v), out, grads = dropout_case(seed=13, p=0.3, n=80, causal=causal)
+        torch.manual_seed(13)
+        keep = dropout_mask(1, 2, 80, 80, draw_seed(), 0.3, DEVICE)
+        ref_out, ref_grads = run(
+            lambda q, k, v: attention_ref(q, k, v, causal=causal, dropout_p=0.3, dropout_mask=keep),
+            [x.double() for x in (q, k, v)], q.double(),
+        )  # fmt: skip
+        torch.testing.assert_close(out.double(), ref_out[0], atol=2e-5, rtol=1e-5)
+        for a, b in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(a.double(), b, atol=5e-5, rtol=1e-5)
+
+
+def test_dropout_kept_fraction_within_binomial_bounds():
+    p = 0.1
+    keep = dropout_mask(2, 4, 256, 256, seed=12345, dropout_p=p, device=DEVICE)
+    n = keep.numel()
+    sigma = math.sqrt(n * p * (1 - p))
+    kept = keep.sum().item()
+    assert abs(kept - n * (1 - p)) < 5 * sigma, (kept, n)
+    # Every row and column block is drawn independently: per-head fractions within bounds too.
+    per_head = keep.flatten(2).float().mean(-1)
+    assert ((per_head - (1 - p)).abs() < 5 * math.sqrt(p * (1 - p) / (256 * 256))).all()
+
+
+def test_every_output_element_is_written():
+    torch.manual_seed(8)
+    b, sq, sk, h, d = 2, 75, 90, 2, 32
+    q, k, v = rand(b, sq, h, d), rand(b, sk, h, d), rand(b, sk, h, d)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((b, h, sq), float("nan"), device=DEVICE)
+    scale = 1 / math.sqrt(d)
+    flash_fwd(q, k, v, None, None, sq, sk, None, None, scale, True, 0.0, 0, out=out, lse=lse)
+    assert not out.isnan().any() and not lse.isnan().any()
+    dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
+    flash_bwd(q, q, k, v, out, lse, None, None, None, sq, sk, None, None, None, None, scale, True, 0.0, 0,
+              dq=dq, dk=dk, dv=dv)  # fmt: skip
+    assert not dq.isnan().any() and not dk.isnan().any() and not dv.isnan().any()
+
+
+def test_backward_is_deterministic():
+    torch.manual_seed(9)
+    q, k, v = rand(1, 64, 4, 32), rand(1, 64, 2, 32), rand(1, 64, 2, 32)
+    _, g1 = run(lambda q, k, v: flash_attn_func(q, k, v, causal=True), [q, k, v], q)
+    _, g2 = run(lambda q, k, v: flash_attn_func(q, k, v, causal=True), [q, k, v], q)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2, strict=True))
+
+
+def test_works_under_torch_compile():
+    torch.manual_seed(10)
+    q, k, v = rand(1, 40, 2, 32), rand(1, 40, 2, 32), rand(1, 40, 2, 32)
+
+    def f(q, k, v):
+        return flash_attn_func(q * 2, k, v, causal=True).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    compiled(*leaves).backward()
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    f(*ref_leaves).backward()
+    for a, b in zip(leaves, ref_leaves, strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------------
+
+
+def _qkv(b=1, n=16, h=2, d=32, dtype=torch.float32):
+    return rand(b, n, h, d, dtype=dtype), rand(b, n, h, d, dtype=dtype), rand(b, n, h, d, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (
+            lambda: (rand(1, 16, 2, 32), rand(1, 16, 2, 32), rand(1, 17, 2, 32)),
+            "k and v must have the same shape",
+        ),
+        (lambda: (rand(2, 16, 2, 32), rand(1, 16, 2, 32), rand(1, 16, 2, 32)), "same batch size"),
+        (
+            lambda: (rand(1, 16, 3, 32), rand(1, 16, 2, 32), rand(1, 16, 2, 32)),
+            "must be a multiple of nheads",
+        ),
+        (lambda: (rand(1, 16, 2, 48), rand(1, 16, 2, 48), rand(1, 16, 2, 48)), "headdim 48 is not supported"),
+        (lambda: (rand(1, 16, 2, 32), rand(1, 16, 2, 64), rand(1, 16, 2, 64)), "same headdim"),
+        (lambda: (rand(16, 2, 32), rand(16, 2, 32), rand(16, 2, 32)), "q must have shape"),
+        (lambda: tuple(x.double() for x in _qkv()), "dtype torch.float64 is not supported"),
+        (lambda: (rand(1, 16, 2, 32), rand(1, 16, 2, 32).half(), rand(1, 16, 2, 32)), "must share a dtype"),
+    ],
+)
+def test_bad_inputs_raise(make, match):
+    with pytest.raises(ValueError, match=match):
+        flash_attn_func(*make())
+
+
+def test_bad_dropout_and_device():
+    q, k, v = _qkv()
+    for p in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match="dropout_p must satisfy"):
+            flash_attn_func(q, k, v, dropout_p=p)
+    if CUDA:
+        with pytest.raises(ValueError, match="one device"):
+            flash_attn_func(q, k.cpu(), v)
+        with pytest.raises(ValueError, match="not supported on CUDA"):
+            flash_attn_func(q.float(), k.float(), v.float())
+
+
+def test_bad_cu_seqlens_raise():
+    q = rand(10, 2, 32)
+
+    def call(cu, max_seqlen=10):
+        cu = torch.tensor(cu, dtype=torch.int32, device=DEVICE)
+        return flash_attn_varlen_func(q, q, q, cu, cu, max_seqlen, max_seqlen)
+
+    with pytest.raises(ValueError, match=r"cu_seqlens_q must be non-decreasing"):
+        call([0, 6, 4, 10])
+    with pytest.raises(ValueError, match=r"cu_seqlens_q\[-1\] = 12 must equal the number of packed tokens"):
+        call([0, 6, 12])
+    with pytest.raises(ValueError, match=r"cu_seqlens_q\[0\] must be 0"):
+        call([1, 6, 10])
+    with pytest.raises(ValueError, match="longest sequence has 6"):
+        call([0, 6, 10], max_seqlen=5)
+    with pytest.raises(ValueError, match="1-D torch.int32"):
+        flash_attn_varlen_func(
+            q, q, q, torch.tensor([0, 10], device=DEVICE), torch.tensor([0, 10], device=DEVICE), 10, 10
+        )
+
+
+def test_bad_block_mask_raises():
+    q, k, v = _qkv(n=200)
+    with pytest.raises(ValueError, match=r"block_mask must have shape \(nheads=2 or 1, 2, 2\)"):
+        block_sparse_flash_attn_func(q, k, v, torch.ones(1, 3, 2, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match="block_mask must be a bool tensor"):
+        block_sparse_flash_attn_func(q, k, v, torch.ones(1, 2, 2, device=DEVICE))
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU: bf16 / fp16, long sequences, bitwise determinism
+# --------------------------------------------------------------------------------------------------
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [16, 32, 64, 96, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_dense(dtype, d, causal):
+    torch.manual_seed(d)
+    for b, sq, sk, h, hk in [(2, 1000, 1000, 4, 2), (1, 513, 2049, 2, 2), (3, 129, 77, 2, 1)]:
+        q, k, v = (
+            rand(b, sq, h, d, dtype=dtype),
+            rand(b, sk, hk, d, dtype=dtype),
+            rand(b, sk, hk, d, dtype=dtype),
+        )
+        compare(
+            lambda q, k, v: flash_attn_func(q, k, v, causal=causal, return_lse=True),
+            lambda q, k, v: attention_ref(q, k, v, causal=causal, return_lse=True),
+            [q, k, v], dtype, rand(b, sq, h, d, dtype=dtype), rand(b, h, sq),
+        )  # fmt: skip
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_varlen_sparse_dropout(dtype):
+    torch.manual_seed(0)
+    lens = [1, 700, 2000, 33]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    q, k, v = (rand(sum(lens), 4, 64, dtype=dtype) for _ in range(3))
+
+    def ref(q, k, v):
+        return torch.cat([attention_ref(q[None, a:b], k[None, a:b], v[None, a:b], causal=True)[0]
+                          for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)])  # fmt: skip
+
+    compare(lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, 2000, 2000, causal=True), ref, [q, k, v],
+            dtype, rand(sum(lens), 4, 64, dtype=dtype))  # fmt: skip
+    n = 1500
+    q, k, v = (rand(2, n, 4, 64, dtype=dtype) for _ in range(3))
+    mask = butterfly_block_mask(n, device=DEVICE)
+    dense = block_mask_to_dense(mask, n, n, SPARSE_BLOCK)[None]
+    compare(lambda q, k, v: block_sparse_flash_attn_func(q, k, v, mask),
+            lambda q, k, v: attention_ref(q, k, v, attn_mask=dense), [q, k, v], dtype, rand(2, n, 4, 64, dtype=dtype))  # fmt: skip
+    torch.manual_seed(3)
+    seed = draw_seed()
+    keep = dropout_mask(2, 4, n, n, seed, 0.1, DEVICE)
+    torch.manual_seed(3)
+    compare(lambda q, k, v: flash_attn_func(q, k, v, dropout_p=0.1, causal=True),
+            lambda q, k, v: attention_ref(q, k, v, causal=True, dropout_p=0.1, dropout_mask=keep),
+            [q, k, v], dtype, rand(2, n, 4, 64, dtype=dtype))  # fmt: skip
+
+
+@needs_cuda
+def test_gpu_bitwise_deterministic_backward():
+    torch.manual_seed(0)
+    q, k, v = (rand(2, 4096, 8, 64, dtype=torch.bfloat16) for _ in range(3))
+    dout = rand(2, 4096, 8, 64, dtype=torch.bfloat16)
+    grads = [run(lambda q, k, v: flash_attn_func(q, k, v, causal=True), [q, k, v], dout)[1] for _ in range(3)]
+    for g in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(g, grads[0], strict=True))
+
+
+@needs_cuda
+def test_gpu_64k_sequence():
+    """Batch 1, 8 heads of 64 at 64K tokens: forward + backward run; spot-check rows against float64."""
+    torch.manual_seed(0)
+    n = 65536
+    q, k, v = (rand(1, n, 8, 64, dtype=torch.bfloat16) for _ in range(3))
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = flash_attn_func(*leaves, causal=True)
+    out.float().sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in leaves)
+    rows = torch.tensor([0, 1, 4095, 40000, n - 1], device=DEVICE)
+    for r in rows.tolist():
+        ref = attention_ref(q[:, r : r + 1].double(), k[:, : r + 1].double(), v[:, : r + 1].double())
+        torch.testing.assert_close(out[:, r : r + 1].double(), ref, atol=2e-2, rtol=0)
