@@ -215,18 +215,19 @@ def test_dropout_is_reproducible_per_seed():
     assert not torch.equal(out1, out3) and not torch.equal(g1[0], g3[0])
 
 
-def test_dropout_gradients_match_reference_with_recovered_mask():
-    for causal in (False, True):
-        (q, k, v), out, grads = dropout_case(seed=13, p=0.3, n=80, causal=causal)
-        torch.manual_seed(13)
-        keep = dropout_mask(1, 2, 80, 80, draw_seed(), 0.3, DEVICE)
-        ref_out, ref_grads = run(
-            lambda q, k, v: attention_ref(q, k, v, causal=causal, dropout_p=0.3, dropout_mask=keep),
-            [x.double() for x in (q, k, v)], q.double(),
-        )  # fmt: skip
-        torch.testing.assert_close(out.double(), ref_out[0], atol=2e-5, rtol=1e-5)
-        for a, b in zip(grads, ref_grads, strict=True):
-            torch.testing.assert_close(a.double(), b, atol=5e-5, rtol=1e-5)
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_gradients_match_reference_with_recovered_mask(causal):
+    (q, k, v), out, grads = dropout_case(seed=13, p=0.3, n=80, causal=causal)
+    torch.manual_seed(13)  # the seed the kernel drew
+    keep = dropout_mask(1, 2, 80, 80, draw_seed(), 0.3, DEVICE)
+    ref_out, ref_grads = run(
+        lambda q, k, v: attention_ref(q, k, v, causal=causal, dropout_p=0.3, dropout_mask=keep),
+        [x.double() for x in (q, k, v)],
+        q.double(),
+    )
+    torch.testing.assert_close(out.double(), ref_out[0], atol=2e-5, rtol=1e-5)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a.double(), b, atol=5e-5, rtol=1e-5)
 
 
 def test_dropout_kept_fraction_within_binomial_bounds():
