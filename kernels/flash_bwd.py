@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.flash_fwd import dropout_keep, interpreting
+from kernels.flash_fwd import autotuning, dropout_keep, interpreting
 
 
 @triton.jit
@@ -170,7 +170,8 @@ def _prune_bwd(configs, named_args, **kwargs):
         if d > 64 and bm * bn > 64 * 128:
             continue
         out.append(c)
-    return out or configs[-1:]
+    out = out or configs[-1:]
+    return out if autotuning() else out[:1]
 
 
 _BWD_KEY = ["HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT", "IS_VARLEN", "IS_SPARSE", "Q_BUCKET", "K_BUCKET"]
@@ -251,11 +252,21 @@ def _bwd_dkdv_kernel(
                 qb = tl.load(SparseIdx + col * sparse_nq + t)
                 s_lo = qb * SPARSE_BLOCK_SIZE
                 s_hi = tl.minimum(s_lo + SPARSE_BLOCK_SIZE, seqlen_q)
-                dk, dv = _bwd_dkdv_inner(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
-                    start_n, offs_n, offs_d, s_lo, s_hi, seqlen_q, causal_shift, qk_scale, seed, bh, drop_threshold,
-                    drop_scale, True, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
-                )  # fmt: skip
+                full = s_hi - s_lo == SPARSE_BLOCK_SIZE
+                if IS_CAUSAL:
+                    full = full & (start_n + BLOCK_N - 1 <= s_lo + causal_shift)
+                if full:
+                    dk, dv = _bwd_dkdv_inner(
+                        dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
+                        start_n, offs_n, offs_d, s_lo, s_hi, seqlen_q, causal_shift, qk_scale, seed, bh,
+                        drop_threshold, drop_scale, False, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
+                    )  # fmt: skip
+                else:
+                    dk, dv = _bwd_dkdv_inner(
+                        dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
+                        start_n, offs_n, offs_d, s_lo, s_hi, seqlen_q, causal_shift, qk_scale, seed, bh,
+                        drop_threshold, drop_scale, True, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
+                    )  # fmt: skip
         else:
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
@@ -366,11 +377,21 @@ def _bwd_dq_kernel(
             kb = tl.load(SparseIdx + row * sparse_nk + t)
             lo = kb * SPARSE_BLOCK_SIZE
             hi = tl.minimum(lo + SPARSE_BLOCK_SIZE, seqlen_k)
-            dq = _bwd_dq_inner(
-                dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi,
-                seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold, drop_scale,
-                True, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D,
-            )  # fmt: skip
+            full = hi - lo == SPARSE_BLOCK_SIZE
+            if IS_CAUSAL:
+                full = full & (hi - 1 <= start_m + causal_shift)
+            if full:
+                dq = _bwd_dq_inner(
+                    dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi,
+                    seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold, drop_scale,
+                    False, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D,
+                )  # fmt: skip
+            else:
+                dq = _bwd_dq_inner(
+                    dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi,
+                    seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold, drop_scale,
+                    True, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D,
+                )  # fmt: skip
     else:
         if IS_CAUSAL:
             hi = tl.maximum(tl.minimum(seqlen_k, start_m + BLOCK_M + causal_shift), 0)

@@ -34,6 +34,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def autotuning() -> bool:
+    """FLASHREPRO_AUTOTUNE=0 skips autotuning: each kernel uses the first config that fits the head dim."""
+    return os.environ.get("FLASHREPRO_AUTOTUNE", "1") != "0"
+
+
 @triton.jit
 def dropout_keep(seed, bh, rows, start_n, drop_threshold, BLOCK_N: tl.constexpr):
     """Keep-mask (len(rows), BLOCK_N) for columns start_n .. start_n + BLOCK_N of head `bh`.
@@ -136,7 +141,8 @@ def _prune_fwd(configs, named_args, **kwargs):
         if d > 64 and bn > 64 and c.num_stages > 2:
             continue
         out.append(c)
-    return out or configs[-1:]
+    out = out or configs[-1:]
+    return out if autotuning() else out[:1]
 
 
 @triton.autotune(
@@ -201,11 +207,22 @@ def _fwd_kernel(
             kb = tl.load(SparseIdx + row * sparse_nk + t)
             lo = kb * SPARSE_BLOCK_SIZE
             hi = tl.minimum(lo + SPARSE_BLOCK_SIZE, seqlen_k)
-            acc, l_i, m_i = _fwd_inner(
-                acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi,
-                seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold,
-                True, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D,
-            )  # fmt: skip
+            # A block inside the sequence and below the causal diagonal takes the unmasked loop.
+            full = hi - lo == SPARSE_BLOCK_SIZE
+            if IS_CAUSAL:
+                full = full & (hi - 1 <= start_m + causal_shift)
+            if full:
+                acc, l_i, m_i = _fwd_inner(
+                    acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi,
+                    seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold,
+                    False, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D,
+                )  # fmt: skip
+            else:
+                acc, l_i, m_i = _fwd_inner(
+                    acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi,
+                    seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold,
+                    True, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D,
+                )  # fmt: skip
     else:
         # Keys [0, full_hi) need no mask; [full_hi, hi) hold the causal diagonal and the ragged end.
         if IS_CAUSAL:

@@ -66,11 +66,13 @@ def compare(flash_fn, ref_fn, inputs, dtype, dout=None, dlse=None):
         check(f"gradient of input {i}", a, b, c, dtype)
 
 
-def rand(*shape, dtype=torch.float32):
+# The shared tests run in float32 in the CPU interpreter and in float16 on a GPU.
+DT = torch.float16 if CUDA else torch.float32
+
+
+def rand(*shape, dtype=DT):
     return torch.randn(*shape, device=DEVICE, dtype=dtype)
 
-
-CPU_DTYPE = torch.float32 if not CUDA else torch.bfloat16
 
 DENSE_CASES = [
     # batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, causal
@@ -93,7 +95,7 @@ def test_dense_matches_float64(b, sq, sk, h, hk, d, causal):
     compare(
         lambda q, k, v: flash_attn_func(q, k, v, causal=causal, return_lse=True),
         lambda q, k, v: attention_ref(q, k, v, causal=causal, return_lse=True),
-        [q, k, v], torch.float32, dout, dlse,
+        [q, k, v], DT, dout, dlse,
     )  # fmt: skip
 
 
@@ -115,11 +117,11 @@ def test_softmax_scale_and_views_of_packed_qkv():
     compare(
         lambda qkv: flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], softmax_scale=0.3, causal=True),
         lambda qkv: attention_ref(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], softmax_scale=0.3, causal=True),
-        [qkv], torch.float32, dout,
+        [qkv], DT, dout,
     )  # fmt: skip
     # A last dimension that is not contiguous is copied, not misread.
     q = rand(1, 20, 2, 32).transpose(-1, -2).contiguous().transpose(-1, -2)
-    torch.testing.assert_close(flash_attn_func(q, q, q), attention_ref(q, q, q), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(flash_attn_func(q, q, q), attention_ref(q, q, q), atol=SLACK[DT], rtol=1e-3)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -144,7 +146,7 @@ def test_varlen_matches_per_sequence_float64(causal):
     compare(
         lambda q, k, v: flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal,
                                                return_lse=True),
-        ref, [q, k, v], torch.float32, dout, dlse,
+        ref, [q, k, v], DT, dout, dlse,
     )  # fmt: skip
 
 
@@ -164,7 +166,7 @@ def test_unpad_pad_roundtrip_and_padding_mask():
         flash_attn_varlen_func(x_unpad, x_unpad, x_unpad, cu, cu, max_len, max_len), indices, b, s
     )
     ref = attention_ref(x.double(), x.double(), x.double(), attn_mask=mask[:, None, None, :])
-    torch.testing.assert_close(out[mask].double(), ref[mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[mask].double(), ref[mask], atol=SLACK[DT], rtol=1e-3)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -183,7 +185,7 @@ def test_block_sparse_matches_masked_float64(causal):
     compare(
         lambda q, k, v: block_sparse_flash_attn_func(q, k, v, block_mask, causal=causal, return_lse=True),
         lambda q, k, v: attention_ref(q, k, v, attn_mask=dense, causal=causal, return_lse=True),
-        [q, k, v], torch.float32, dout, dlse,
+        [q, k, v], DT, dout, dlse,
     )  # fmt: skip
 
 
@@ -225,9 +227,10 @@ def test_dropout_gradients_match_reference_with_recovered_mask(causal):
         [x.double() for x in (q, k, v)],
         q.double(),
     )
-    torch.testing.assert_close(out.double(), ref_out[0], atol=2e-5, rtol=1e-5)
+    atol = 5e-5 if DT == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), ref_out[0], atol=atol, rtol=1e-3)
     for a, b in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(a.double(), b, atol=5e-5, rtol=1e-5)
+        torch.testing.assert_close(a.double(), b, atol=atol, rtol=1e-3)
 
 
 def test_dropout_kept_fraction_within_binomial_bounds():
@@ -286,7 +289,7 @@ def test_works_under_torch_compile():
 # --------------------------------------------------------------------------------------------------
 
 
-def _qkv(b=1, n=16, h=2, d=32, dtype=torch.float32):
+def _qkv(b=1, n=16, h=2, d=32, dtype=DT):
     return rand(b, n, h, d, dtype=dtype), rand(b, n, h, d, dtype=dtype), rand(b, n, h, d, dtype=dtype)
 
 
@@ -323,7 +326,7 @@ def test_bad_dropout_and_device():
         with pytest.raises(ValueError, match="one device"):
             flash_attn_func(q, k.cpu(), v)
         with pytest.raises(ValueError, match="not supported on CUDA"):
-            flash_attn_func(q.float(), k.float(), v.float())
+            flash_attn_func(q.float(), k.float(), v.float())  # float32 is CPU-interpreter only
 
 
 def test_bad_cu_seqlens_raise():
