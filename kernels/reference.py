@@ -76,7 +76,6 @@ def attention_ref(
         keep = attn_mask if keep is None else keep & attn_mask
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(scores.float(), dim=-1)
     attn = torch.softmax(scores, dim=-1)
     if keep is not None:
         # Fully-masked rows give NaN in softmax; flash attention returns zeros for them.
@@ -86,7 +85,9 @@ def attention_ref(
             dropout_mask = torch.rand_like(attn) >= dropout_p
         attn = attn.masked_fill(~dropout_mask, 0.0) / (1.0 - dropout_p)
     out = torch.einsum("bhqk,bkhd->bqhd", attn, v).to(dtype)
-    return (out, lse) if return_lse else out
+    if return_lse:
+        return out, torch.logsumexp(scores.float(), dim=-1)
+    return out
 
 
 def standard_attention(
@@ -96,10 +97,26 @@ def standard_attention(
     dropout_p: float = 0.0,
     softmax_scale: float | None = None,
     causal: bool = False,
+    attn_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The paper's baseline as a drop-in for `flash_attn_func`: (batch, seqlen, nheads, headdim) in and out.
 
-    It keeps the softmax in the input dtype and materializes the (seqlen_q, seqlen_k) matrix, as the
-    HuggingFace / Megatron implementations of the paper's time did.
+    Plain PyTorch as HuggingFace / Megatron implement it: S = q k^T * scale, masked_fill, softmax,
+    dropout, S v, each a separate kernel reading and writing the (seqlen_q, seqlen_k) matrix.
+    attn_mask: optional bool mask broadcastable to (batch, nheads, seqlen_q, seqlen_k), True = keep;
+    every row must keep at least one key.
     """
-    return attention_ref(q, k, v, causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p)
+    nheads, nheads_k = q.shape[2], k.shape[2]
+    if nheads != nheads_k:
+        k = k.repeat_interleave(nheads // nheads_k, dim=2)
+        v = v.repeat_interleave(nheads // nheads_k, dim=2)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if causal:
+        scores = scores.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    attn = torch.softmax(scores, dim=-1)
+    attn = torch.nn.functional.dropout(attn, p=dropout_p)
+    return torch.matmul(attn, v).transpose(1, 2)
