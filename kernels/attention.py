@@ -143,6 +143,11 @@ def _sparse_args(idx: torch.Tensor | None, cnt: torch.Tensor | None, q: torch.Te
     return idx, cnt, idx.shape[0], idx.shape[1], idx.shape[2]
 
 
+def _sparse_needs_mask(causal: bool, seqlen_q: int, seqlen_k: int) -> bool:
+    """Block-sparse tiles skip masking when no tile can cross the causal diagonal or a sequence end."""
+    return causal or seqlen_q % SPARSE_BLOCK != 0 or seqlen_k % SPARSE_BLOCK != 0
+
+
 def _dropout_params(dropout_p: float) -> tuple[int, float]:
     """(threshold on 16-bit uniforms, output scale); keep when uniform16 >= threshold."""
     return int(round(dropout_p * 65536)), 1.0 / (1.0 - dropout_p)
@@ -191,6 +196,7 @@ def flash_fwd(
         seqlen_bucket(max_seqlen_q), seqlen_bucket(max_seqlen_k),
         IS_CAUSAL=causal, HAS_DROPOUT=dropout_p > 0, IS_VARLEN=varlen, IS_SPARSE=sparse_idx is not None,
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), SPARSE_BLOCK_SIZE=SPARSE_BLOCK,
+        SPARSE_MASKED=_sparse_needs_mask(causal, max_seqlen_q, max_seqlen_k),
     )  # fmt: skip
     return out, lse
 
@@ -247,6 +253,7 @@ def flash_bwd(
     common = dict(
         IS_CAUSAL=causal, HAS_DROPOUT=dropout_p > 0, IS_VARLEN=varlen, IS_SPARSE=q2k_idx is not None,
         HEAD_DIM=d, BLOCK_D=block_d, SPARSE_BLOCK_SIZE=SPARSE_BLOCK,
+        SPARSE_MASKED=_sparse_needs_mask(causal, max_seqlen_q, max_seqlen_k),
     )  # fmt: skip
     buckets = (seqlen_bucket(max_seqlen_q), seqlen_bucket(max_seqlen_k))
 

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.flash_fwd import autotuning, dropout_keep, interpreting
+from kernels.flash_fwd import SPARSE_BLOCK_C, autotuning, dropout_keep, interpreting
 
 
 @triton.jit
@@ -55,13 +55,22 @@ def _bwd_preprocess(
 def _bwd_dkdv_inner(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
     start_n, offs_n, offs_d, lo, hi, seqlen_q, causal_shift, qk_scale, seed, bh, drop_threshold, drop_scale,
-    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    sparse_idx, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPARSE: tl.constexpr,
 ):  # fmt: skip
-    """Add the contributions of query rows lo .. hi to one key block's dK, dV (kept transposed: keys x queries)."""
+    """Add the contributions of query rows lo .. hi to one key block's dK, dV (kept transposed: keys x queries).
+
+    SPARSE: lo .. hi count positions in the concatenation of the query blocks listed at `sparse_idx`.
+    """
     offs_m0 = tl.arange(0, BLOCK_M)
     d_ok = offs_d < HEAD_DIM
-    for start_m in tl.range(lo, hi, BLOCK_M):
+    for it in tl.range(lo, hi, BLOCK_M):
+        if SPARSE:
+            block = it // SPARSE_BLOCK_C
+            start_m = tl.load(sparse_idx + block) * SPARSE_BLOCK_C + (it - block * SPARSE_BLOCK_C)
+        else:
+            start_m = it
         offs_m = start_m + offs_m0
         q_ptrs = q_base + offs_m[None, :] * stride_qt + offs_d[:, None]
         do_ptrs = do_base + offs_m[:, None] * stride_dot + offs_d[None, :]
@@ -105,13 +114,18 @@ def _bwd_dkdv_inner(
 def _bwd_dq_inner(
     dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt,
     offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold, drop_scale,
-    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    sparse_idx, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPARSE: tl.constexpr,
 ):  # fmt: skip
-    """Add the contributions of keys lo .. hi to one query block's dQ."""
+    """Add the contributions of keys lo .. hi to one query block's dQ (SPARSE: as in `_fwd_inner`)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
-    for start_n in tl.range(lo, hi, BLOCK_N):
+    for it in tl.range(lo, hi, BLOCK_N):
+        if SPARSE:
+            block = it // SPARSE_BLOCK_C
+            start_n = tl.load(sparse_idx + block) * SPARSE_BLOCK_C + (it - block * SPARSE_BLOCK_C)
+        else:
+            start_n = it
         cols = start_n + offs_n0
         k_ptrs = k_base + cols[None, :] * stride_kt + offs_d[:, None]
         v_ptrs = v_base + cols[None, :] * stride_vt + offs_d[:, None]
@@ -188,7 +202,7 @@ def _bwd_dkdv_kernel(
     Q_BUCKET, K_BUCKET,
     IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, IS_SPARSE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPARSE_BLOCK_SIZE: tl.constexpr,
+    SPARSE_BLOCK_SIZE: tl.constexpr, SPARSE_MASKED: tl.constexpr,
 ):  # fmt: skip
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
@@ -248,40 +262,27 @@ def _bwd_dkdv_kernel(
         if IS_SPARSE:
             col = (h % sparse_heads) * sparse_nk + start_n // SPARSE_BLOCK_SIZE
             count = tl.load(SparseCnt + col)
-            for t in range(0, count):
-                qb = tl.load(SparseIdx + col * sparse_nq + t)
-                s_lo = qb * SPARSE_BLOCK_SIZE
-                s_hi = tl.minimum(s_lo + SPARSE_BLOCK_SIZE, seqlen_q)
-                full = s_hi - s_lo == SPARSE_BLOCK_SIZE
-                if IS_CAUSAL:
-                    full = full & (start_n + BLOCK_N - 1 <= s_lo + causal_shift)
-                if full:
-                    dk, dv = _bwd_dkdv_inner(
-                        dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
-                        start_n, offs_n, offs_d, s_lo, s_hi, seqlen_q, causal_shift, qk_scale, seed, bh,
-                        drop_threshold, drop_scale, False, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
-                    )  # fmt: skip
-                else:
-                    dk, dv = _bwd_dkdv_inner(
-                        dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
-                        start_n, offs_n, offs_d, s_lo, s_hi, seqlen_q, causal_shift, qk_scale, seed, bh,
-                        drop_threshold, drop_scale, True, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
-                    )  # fmt: skip
+            dk, dv = _bwd_dkdv_inner(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
+                start_n, offs_n, offs_d, 0, count * SPARSE_BLOCK_SIZE, seqlen_q, causal_shift, qk_scale, seed, bh,
+                drop_threshold, drop_scale, SparseIdx + col * sparse_nq,
+                SPARSE_MASKED, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, True,
+            )  # fmt: skip
         else:
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
                 start_n, offs_n, offs_d, lo, tl.minimum(mid, q_ceil), seqlen_q, causal_shift, qk_scale, seed, bh,
-                drop_threshold, drop_scale, True, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
+                drop_threshold, drop_scale, Q, True, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False,
             )  # fmt: skip
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
                 start_n, offs_n, offs_d, mid, full_end, seqlen_q, causal_shift, qk_scale, seed, bh,
-                drop_threshold, drop_scale, False, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
+                drop_threshold, drop_scale, Q, False, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False,
             )  # fmt: skip
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
                 start_n, offs_n, offs_d, tl.maximum(mid, full_end), seqlen_q, seqlen_q, causal_shift, qk_scale, seed,
-                bh, drop_threshold, drop_scale, True, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D,
+                bh, drop_threshold, drop_scale, Q, True, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False,
             )  # fmt: skip
     dk = dk * sm_scale
     tl.store(
@@ -325,7 +326,7 @@ def _bwd_dq_kernel(
     Q_BUCKET, K_BUCKET,
     IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, IS_SPARSE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPARSE_BLOCK_SIZE: tl.constexpr,
+    SPARSE_BLOCK_SIZE: tl.constexpr, SPARSE_MASKED: tl.constexpr,
 ):  # fmt: skip
     num_m = tl.num_programs(0)
     start_m = (num_m - 1 - tl.program_id(0)) * BLOCK_M
@@ -373,25 +374,11 @@ def _bwd_dq_kernel(
     if IS_SPARSE:
         row = (h % sparse_heads) * sparse_nq + start_m // SPARSE_BLOCK_SIZE
         count = tl.load(SparseCnt + row)
-        for t in range(0, count):
-            kb = tl.load(SparseIdx + row * sparse_nk + t)
-            lo = kb * SPARSE_BLOCK_SIZE
-            hi = tl.minimum(lo + SPARSE_BLOCK_SIZE, seqlen_k)
-            full = hi - lo == SPARSE_BLOCK_SIZE
-            if IS_CAUSAL:
-                full = full & (hi - 1 <= start_m + causal_shift)
-            if full:
-                dq = _bwd_dq_inner(
-                    dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi,
-                    seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold, drop_scale,
-                    False, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D,
-                )  # fmt: skip
-            else:
-                dq = _bwd_dq_inner(
-                    dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi,
-                    seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold, drop_scale,
-                    True, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D,
-                )  # fmt: skip
+        dq = _bwd_dq_inner(
+            dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, count * SPARSE_BLOCK_SIZE,
+            seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold, drop_scale, SparseIdx + row * sparse_nk,
+            SPARSE_MASKED, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D, True,
+        )  # fmt: skip
     else:
         if IS_CAUSAL:
             hi = tl.maximum(tl.minimum(seqlen_k, start_m + BLOCK_M + causal_shift), 0)
@@ -404,13 +391,13 @@ def _bwd_dq_kernel(
             full_hi = seqlen_k // BLOCK_N * BLOCK_N
         dq = _bwd_dq_inner(
             dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, full_hi,
-            seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold, drop_scale,
-            False, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D,
+            seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold, drop_scale, K,
+            False, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D, False,
         )  # fmt: skip
         dq = _bwd_dq_inner(
             dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, full_hi, hi,
-            seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold, drop_scale,
-            True, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D,
+            seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold, drop_scale, K,
+            True, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D, False,
         )  # fmt: skip
     dq = dq * sm_scale
     tl.store(

@@ -27,6 +27,7 @@ LOG2E = 1.4426950408889634
 LN2_C: tl.constexpr = tl.constexpr(0.6931471805599453)
 # Block size of block-sparse masks: a mask entry covers SPARSE_BLOCK queries x SPARSE_BLOCK keys.
 SPARSE_BLOCK = 128
+SPARSE_BLOCK_C: tl.constexpr = tl.constexpr(SPARSE_BLOCK)
 
 
 def interpreting() -> bool:
@@ -64,14 +65,23 @@ def dropout_keep(seed, bh, rows, start_n, drop_threshold, BLOCK_N: tl.constexpr)
 @triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
-    offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold,
+    offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold, sparse_idx,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPARSE: tl.constexpr,
 ):  # fmt: skip
-    """Fold keys lo .. hi (multiples of BLOCK_N, except hi when MASKED) into (acc, l_i, m_i)."""
+    """Fold keys lo .. hi (multiples of BLOCK_N, except hi when MASKED) into (acc, l_i, m_i).
+
+    SPARSE: lo .. hi count positions in the concatenation of the nonzero key blocks listed at
+    `sparse_idx`, so one pipelined loop walks all of them.
+    """
     offs_n = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
-    for start_n in tl.range(lo, hi, BLOCK_N):
+    for it in tl.range(lo, hi, BLOCK_N):
+        if SPARSE:
+            block = it // SPARSE_BLOCK_C
+            start_n = tl.load(sparse_idx + block) * SPARSE_BLOCK_C + (it - block * SPARSE_BLOCK_C)
+        else:
+            start_n = it
         cols = start_n + offs_n
         k_ptrs = k_base + cols[None, :] * stride_kt + offs_d[:, None]
         v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
@@ -160,7 +170,7 @@ def _fwd_kernel(
     Q_BUCKET, K_BUCKET,
     IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, IS_SPARSE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPARSE_BLOCK_SIZE: tl.constexpr,
+    SPARSE_BLOCK_SIZE: tl.constexpr, SPARSE_MASKED: tl.constexpr,
 ):  # fmt: skip
     # Longest causal rows first: reversed block order balances the tail of the grid.
     num_m = tl.num_programs(0)
@@ -203,26 +213,11 @@ def _fwd_kernel(
         # Visit only the nonzero key blocks of this query block's row of the block mask.
         row = (h % sparse_heads) * sparse_nq + start_m // SPARSE_BLOCK_SIZE
         count = tl.load(SparseCnt + row)
-        for t in range(0, count):
-            kb = tl.load(SparseIdx + row * sparse_nk + t)
-            lo = kb * SPARSE_BLOCK_SIZE
-            hi = tl.minimum(lo + SPARSE_BLOCK_SIZE, seqlen_k)
-            # A block inside the sequence and below the causal diagonal takes the unmasked loop.
-            full = hi - lo == SPARSE_BLOCK_SIZE
-            if IS_CAUSAL:
-                full = full & (hi - 1 <= start_m + causal_shift)
-            if full:
-                acc, l_i, m_i = _fwd_inner(
-                    acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi,
-                    seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold,
-                    False, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D,
-                )  # fmt: skip
-            else:
-                acc, l_i, m_i = _fwd_inner(
-                    acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi,
-                    seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold,
-                    True, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D,
-                )  # fmt: skip
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, count * SPARSE_BLOCK_SIZE,
+            seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold, SparseIdx + row * sparse_nk,
+            SPARSE_MASKED, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D, True,
+        )  # fmt: skip
     else:
         # Keys [0, full_hi) need no mask; [full_hi, hi) hold the causal diagonal and the ragged end.
         if IS_CAUSAL:
@@ -237,13 +232,13 @@ def _fwd_kernel(
             full_hi = seqlen_k // BLOCK_N * BLOCK_N
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, full_hi,
-            seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold,
-            False, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D,
+            seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold, K,
+            False, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D, False,
         )  # fmt: skip
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, full_hi, hi,
-            seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold,
-            True, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D,
+            seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold, K,
+            True, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D, False,
         )  # fmt: skip
 
     # Rows that saw no key (causal with seqlen_q > seqlen_k, empty sparse rows) output 0, lse = -inf.

@@ -367,10 +367,13 @@ def test_bad_block_mask_raises():
 # --------------------------------------------------------------------------------------------------
 
 
+GPU_DENSE = [(torch.bfloat16, d, c) for d in (16, 32, 64, 96, 128, 256) for c in (False, True)] + [
+    (torch.float16, d, c) for d in (64, 128) for c in (False, True)
+]
+
+
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("d", [16, 32, 64, 96, 128, 256])
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype,d,causal", GPU_DENSE)
 def test_gpu_dense(dtype, d, causal):
     torch.manual_seed(d)
     for b, sq, sk, h, hk in [(2, 1000, 1000, 4, 2), (1, 513, 2049, 2, 2), (3, 129, 77, 2, 1)]:
@@ -450,3 +453,19 @@ def test_standard_attention_baseline_matches_reference():
         got = standard_attention(q, k[:, :, :2], v[:, :, :2], causal=causal, attn_mask=mask)
         want = attention_ref(q, k[:, :, :2], v[:, :, :2], causal=causal, attn_mask=mask)
         torch.testing.assert_close(got, want)
+
+
+def test_block_sparse_unmasked_tiles_with_butterfly():
+    """Sequence lengths that are multiples of the block size take the unmasked sparse path."""
+    torch.manual_seed(12)
+    n = 512
+    q, k, v = rand(1, n, 2, 32), rand(1, n, 2, 32), rand(1, n, 2, 32)
+    block_mask = butterfly_block_mask(n, max_stride=1, device=DEVICE)  # 4 blocks: diagonal + one partner
+    dense = block_mask_to_dense(block_mask, n, n, SPARSE_BLOCK)[None]
+    compare(
+        lambda q, k, v: block_sparse_flash_attn_func(q, k, v, block_mask),
+        lambda q, k, v: attention_ref(q, k, v, attn_mask=dense),
+        [q, k, v],
+        DT,
+        rand(1, n, 2, 32),
+    )
