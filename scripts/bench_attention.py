@@ -53,11 +53,17 @@ L2_BYTES = 50 * 2**20
 # ---------------------------------------------------------------------------------------------
 
 
-def time_ms(fns: list, reps: int = 20, retry: bool = True) -> float:
-    """Median milliseconds of one call, cycling through `fns` (one closure per input copy)."""
+def time_ms(fns: list, reps: int = 20, retry: bool = True, use_graph: bool = True) -> float:
+    """Median milliseconds of one call, cycling through `fns` (one closure per input copy).
+
+    Small problems are timed as CUDA-graph replays so launch gaps stay out; large ones (use_graph=False)
+    with triton.testing.do_bench, where launch overhead is negligible and graph pools would cost memory.
+    """
     for fn in fns:  # warm-up: compilation, autotuning, allocator
         fn()
     torch.cuda.synchronize()
+    if not use_graph:
+        return triton.testing.do_bench(fns[0], warmup=25, rep=200, return_mode="median")
     try:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -91,7 +97,7 @@ def time_ms(fns: list, reps: int = 20, retry: bool = True) -> float:
     except Exception as exc:  # noqa: BLE001 - retry once, then fall back to plain launches
         if retry:
             torch.cuda.synchronize()
-            return time_ms(fns, reps, retry=False)
+            return time_ms(fns, reps, retry=False, use_graph=use_graph)
         print(f"  (graph capture failed: {type(exc).__name__}: {str(exc)[:80]}; using do_bench)")
         torch.cuda.synchronize()
         i = [0]
@@ -123,23 +129,16 @@ def peak_extra_mb(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def phases(attn, inputs_list, dout_list, reps=20):
-    """Forward, backward and fwd+bwd ms of attn(*inputs), rotating over the input copies."""
+def phases(attn, inputs_list, dout_list, reps=20, use_graph=True):
+    """Forward and fwd+bwd ms of attn(*inputs), rotating over the input copies; backward = the difference."""
     fwd = [lambda a=a: attn(*a) for a in inputs_list]
-    t_fwd = time_ms(fwd, reps)
-    outs = [attn(*a) for a in inputs_list]
-    bwd = [
-        lambda o=o, a=a, d=d: torch.autograd.grad(o, a, d, retain_graph=True)
-        for o, a, d in zip(outs, inputs_list, dout_list, strict=True)
-    ]
-    t_bwd = time_ms(bwd, reps)
-    del outs, bwd
+    t_fwd = time_ms(fwd, reps, use_graph=use_graph)
     both = [
         lambda a=a, d=d: torch.autograd.grad(attn(*a), a, d)
         for a, d in zip(inputs_list, dout_list, strict=True)
     ]
-    t_both = time_ms(both, reps)
-    return {"fwd_ms": t_fwd, "bwd_ms": t_bwd, "fwd_bwd_ms": t_both}
+    t_both = time_ms(both, reps, use_graph=use_graph)
+    return {"fwd_ms": t_fwd, "bwd_ms": t_both - t_fwd, "fwd_bwd_ms": t_both}
 
 
 def make_inputs(b, n, h, d, copies=None, varlen_lengths=None):
@@ -173,7 +172,7 @@ def bench_paper(seqlens, reps, save):
     rows = []
     for n in seqlens:
         print(f"[paper] N={n}", flush=True)
-        row = {"seqlen": n}
+        row = {"seqlen": n, "autotune": os.environ.get("FLASHREPRO_AUTOTUNE", "1") != "0"}
         sets, douts = make_inputs(b, n, h, d)
         gen = torch.Generator().manual_seed(n)
         lengths = torch.randint(max(1, n - 20), n + 1, (b,), generator=gen)
@@ -190,6 +189,12 @@ def bench_paper(seqlens, reps, save):
         varlen_douts = [dd.reshape(b * n, h, d)[:total].clone() for dd in douts]
         methods = {
             "flash": (lambda q, k, v: flash_attn_func(q, k, v), sets, douts),
+            "flash_dropout": (lambda q, k, v: flash_attn_func(q, k, v, dropout_p=0.1), sets, douts),
+            "flash_mask": (
+                lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, n, n),
+                varlen_sets,
+                varlen_douts,
+            ),
             "flash_dropout_mask": (
                 lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, n, n, dropout_p=0.1),
                 varlen_sets,
@@ -214,13 +219,14 @@ def bench_paper(seqlens, reps, save):
                 row[name] = res
                 print(f"   {name:24s} {res}", flush=True)
                 continue
-            res = oom_safe(lambda fn=fn, ins=ins, ds=ds: phases(fn, ins, ds, reps))
+            res = oom_safe(lambda fn=fn, ins=ins, ds=ds: phases(fn, ins, ds, reps, use_graph=n <= 2048))
             if res != "OOM":
                 a, dd = ins[0], ds[0]
                 res["mem_mb"] = oom_safe(
                     lambda fn=fn, a=a, dd=dd: peak_extra_mb(lambda: torch.autograd.grad(fn(*a), a, dd))
                 )
             row[name] = res
+            torch.cuda.empty_cache()
             print(f"   {name:24s} {res}", flush=True)
         rows.append(row)
         save(rows)
@@ -232,6 +238,10 @@ def bench_paper(seqlens, reps, save):
 # The FA2/FA3 TFLOP/s grid
 # ---------------------------------------------------------------------------------------------
 
+PAPER_METHODS = (
+    "flash", "flash_dropout", "flash_mask", "flash_dropout_mask", "block_sparse_butterfly",
+    "standard", "standard_dropout_mask",
+)  # fmt: skip
 SDPA_BACKENDS = {
     "sdpa_flash": SDPBackend.FLASH_ATTENTION,
     "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -377,6 +387,7 @@ def environment():
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
+        "autotune": os.environ.get("FLASHREPRO_AUTOTUNE", "1") != "0",
     }
     try:
         q = "clocks.sm,clocks.max.sm,clocks.mem,power.limit,driver_version"
@@ -418,7 +429,8 @@ def write_report(out_dir: Path, data: dict):
         "",
         "## Paper setting: batch 16, 8 heads, headdim 64, bf16 (ms; memory in MiB)",
         "",
-        "`flash_dropout_mask`: dropout 0.1 and a padding mask (lengths uniform in N-20..N, varlen path).",
+        "`flash_dropout`: dropout 0.1; `flash_mask`: a padding mask (lengths uniform in N-20..N, served by the "
+        "varlen path); `flash_dropout_mask`: both. Backward = (fwd+bwd) - fwd.",
         "",
         "| N | method | fwd | bwd | fwd+bwd | peak extra MiB |",
         "|---|---|---|---|---|---|",
@@ -462,7 +474,7 @@ def plot(out_dir: Path, slug: str, data: dict):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for m in ("flash", "flash_dropout_mask", "block_sparse_butterfly", "standard", "standard_dropout_mask"):
+    for m in PAPER_METHODS:
         pts = [(r["seqlen"], r[m]) for r in data["paper"] if isinstance(r.get(m), dict)]
         if pts:
             axes[0].plot([p[0] for p in pts], [p[1]["fwd_bwd_ms"] for p in pts], marker="o", label=m)
@@ -508,6 +520,7 @@ def main():
     ap.add_argument("--skip-grid", action="store_true")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--paper-seqlens", type=int, nargs="+", help="paper-setting sequence lengths to (re)run")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_attention.py needs a CUDA GPU")
@@ -526,18 +539,27 @@ def main():
     data = json.loads(path.read_text()) if path.exists() else {"paper": [], "grid": []}
     data.setdefault("env_by_section", {})
 
-    def saver(section):
+    def saver(section, key):
+        # Rows of this run replace earlier rows with the same key; the others are kept.
+        kept = [r for r in data.get(section, [])]
+
         def save(rows):
-            data[section] = rows
+            new = {key(r) for r in rows}
+            data[section] = sorted([r for r in kept if key(r) not in new] + rows, key=key)
             data["env_by_section"][section] = env
             path.write_text(json.dumps(data, indent=1))
 
         return save
 
     if not args.skip_paper:
-        bench_paper(paper_n, args.reps, saver("paper"))
+        bench_paper(paper_n, args.reps, saver("paper", lambda r: r["seqlen"]))
     if not args.skip_grid:
-        bench_grid(grid_n, args.head_dims, args.reps, saver("grid"))
+        bench_grid(
+            grid_n,
+            args.head_dims,
+            args.reps,
+            saver("grid", lambda r: (r["headdim"], r["causal"], r["seqlen"])),
+        )
     data["env"] = env
     data["targets"] = evaluate(data["paper"], data["grid"])
     slug = write_report(Path(args.out), data)
