@@ -521,13 +521,23 @@ def main():
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--paper-seqlens", type=int, nargs="+", help="paper-setting sequence lengths to (re)run")
+    ap.add_argument(
+        "--report-only", metavar="JSON", help="rewrite the .md table and plots from a results JSON"
+    )
     args = ap.parse_args()
+    if args.report_only:
+        data = json.loads(Path(args.report_only).read_text())
+        data["targets"] = evaluate(data["paper"], data["grid"])
+        slug = write_report(Path(args.report_only).parent, data)
+        print(json.dumps(data["targets"], indent=1))
+        return
     if not torch.cuda.is_available():
         sys.exit("bench_attention.py needs a CUDA GPU")
     torch.manual_seed(0)
     paper_n = (
         [128, 1024, 4096] if args.quick else [128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
     )
+    paper_n = args.paper_seqlens or paper_n
     grid_n = [1024, 4096] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
     warm_up_graphs()
     env = environment()
