@@ -204,6 +204,24 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def write_results(result: dict, out: Path, device: str, wall: float) -> dict:
+    """Summaries over the finished runs, then <out>/<device>.json and .png."""
+    runs = result["runs"]
+    by_role = {r["role"]: r for r in runs.values()}
+    if "flash" in by_role and "standard" in by_role:
+        result["flash_vs_standard_max_rel_diff"] = max_relative_difference(
+            by_role["flash"]["val_loss"], by_role["standard"]["val_loss"]
+        )
+    result["final_val_loss"] = {n: r["val_loss"][-1] for n, r in runs.items()}
+    result["final_val_ppl"] = {n: math.exp(r["val_loss"][-1]) for n, r in runs.items()}
+    result["total_wall_s"] = round(wall, 1)
+    json_path = out / f"{slug(device)}.json"
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, out / f"{slug(device)}.png")
+    print(f"[convergence] wrote {json_path} and {json_path.with_suffix('.png')}", flush=True)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = device_name()
@@ -221,12 +239,19 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_every": args.eval_every,
         "val_tokens": args.val_tokens,
         "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "long_seq_len": args.long_seq_len,
         "lr": args.lr,
         "seed": args.seed,
         "dropout": 0.0,
         "extra_overrides": args.extra,
         "runs": {},
     }
+    json_path = out / f"{slug(device)}.json"
+    if json_path.exists():  # runs finished by an earlier call with the same settings are kept
+        earlier = json.loads(json_path.read_text())
+        if all(earlier.get(k) == v for k, v in result.items() if k != "runs"):
+            result["runs"] = earlier.get("runs", {})
     total = time.monotonic()
     for name, spec in run_specs(args).items():
         run_dir = out / "runs" / slug(device) / name
@@ -250,23 +275,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"{r['tokens_per_sec'] or float('nan'):,.0f} tokens/s",
             flush=True,
         )
-
-    runs = result["runs"]
-    by_role = {r["role"]: r for r in runs.values()}
-    if "flash" in by_role and "standard" in by_role:
-        result["flash_vs_standard_max_rel_diff"] = max_relative_difference(
-            by_role["flash"]["val_loss"], by_role["standard"]["val_loss"]
-        )
-    result["final_val_loss"] = {n: r["val_loss"][-1] for n, r in runs.items()}
-    result["final_val_ppl"] = {n: math.exp(r["val_loss"][-1]) for n, r in runs.items()}
-    result["total_wall_s"] = round(time.monotonic() - total, 1)
-
-    json_path = out / f"{slug(device)}.json"
-    json_path.write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, out / f"{slug(device)}.png")
-    print(
-        f"[convergence] wrote {json_path} and {json_path.with_suffix('.png')} in {result['total_wall_s']} s"
-    )
+        write_results(result, out, device, time.monotonic() - total)  # a cut-off call keeps finished runs
+    result = write_results(result, out, device, time.monotonic() - total)
     if "flash_vs_standard_max_rel_diff" in result:
         print(f"[convergence] flash vs standard: max relative val/loss difference "
               f"{result['flash_vs_standard_max_rel_diff']:.2e}")  # fmt: skip
