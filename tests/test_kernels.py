@@ -469,3 +469,39 @@ def test_block_sparse_unmasked_tiles_with_butterfly():
         DT,
         rand(1, n, 2, 32),
     )
+
+
+def test_dropout_with_gqa_and_varlen_matches_reference_with_recovered_mask():
+    """The dK/dV kernel walks a GQA group; its Philox head index must match the forward's (b * nheads + h)."""
+    torch.manual_seed(14)
+    lens_q, lens_k = [40, 7], [33, 50]
+    cu_q = torch.tensor([0, 40, 47], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 33, 83], dtype=torch.int32, device=DEVICE)
+    h, hk, d, p = 4, 2, 32, 0.25
+    q, k, v = rand(47, h, d), rand(83, hk, d), rand(83, hk, d)
+    dout = rand(47, h, d)
+    torch.manual_seed(15)
+    out, grads = run(
+        lambda q, k, v: flash_attn_varlen_func(q, k, v, cu_q, cu_k, 40, 50, dropout_p=p, causal=True),
+        [q, k, v],
+        dout,
+    )
+    torch.manual_seed(15)
+    keep = dropout_mask(2, h, 40, 50, draw_seed(), p, DEVICE)
+
+    def ref(q, k, v):
+        outs = []
+        for b, (sq, sk) in enumerate(zip(lens_q, lens_k, strict=True)):
+            a, c = int(cu_q[b]), int(cu_k[b])
+            mask = keep[b : b + 1, :, :sq, :sk]
+            outs.append(
+                attention_ref(q[None, a : a + sq], k[None, c : c + sk], v[None, c : c + sk], causal=True,
+                              dropout_p=p, dropout_mask=mask)[0]
+            )  # fmt: skip
+        return torch.cat(outs)
+
+    ref_out, ref_grads = run(ref, [x.double() for x in (q, k, v)], dout.double())
+    atol = 5e-5 if DT == torch.float32 else 2e-2
+    torch.testing.assert_close(out[0].double(), ref_out[0], atol=atol, rtol=1e-3)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a.double(), b, atol=atol, rtol=1e-3)
