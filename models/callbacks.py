@@ -63,6 +63,8 @@ class TokenThroughput(ThroughputMonitor):
             out["throughput/tokens_per_sec"] = metrics["device/items_per_sec"] * trainer.world_size
         if "device/mfu" in metrics:
             out["throughput/mfu"] = metrics["device/mfu"]
+        if trainer.strategy.root_device.type == "cuda":  # rank 0's peak; ranks are symmetric under DDP / FSDP
+            out["memory/peak_gb"] = torch.cuda.max_memory_allocated(trainer.strategy.root_device) / 2**30
         if out:
             trainer._logger_connector.log_metrics(out, step=iter_num)
 

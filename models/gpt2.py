@@ -157,6 +157,8 @@ class GPT2(nn.Module):
         # GPT-2 init: N(0, 0.02) weights, zero biases; the projections that write into the residual stream
         # are scaled by 1/sqrt(2 * n_layer) (two residual branches per block).
         self.apply(self._init_weights)
+        # Counted once here: under FSDP, self.parameters() later holds only this rank's shard.
+        self._n_params = sum(p.numel() for p in self.parameters())
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
@@ -203,8 +205,8 @@ class GPT2(nn.Module):
         return choice
 
     def num_params(self) -> int:
-        """Number of parameters; the tied embedding / output matrix counts once."""
-        return sum(p.numel() for p in self.parameters())
+        """Number of parameters (counted at construction); the tied embedding / output matrix counts once."""
+        return self._n_params
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token at this sequence length; see `training_flops_per_token`."""
