@@ -35,7 +35,6 @@ NVSHMEM_DISABLE_NVLS=1 (no NVLink multicast).
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import math
@@ -51,6 +50,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from train import read_metrics  # noqa: E402  (the run directory layout is train.py's)
+
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 # Dense bf16 tensor-core peak FLOP/s per GPU missing from Lightning's table (MFU is left empty otherwise).
 PEAK_FLOPS = {"H200": 989.4e12}
@@ -113,15 +115,6 @@ def run_train(
         tail = "".join(log_file.read_text().splitlines(keepends=True)[-30:])
         raise RuntimeError(f"training run failed ({result.returncode}): {line}\n--- log tail ---\n{tail}")
     return run_dir, line
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, float]]:
-    """Rows of <run_dir>/csv/version_0/metrics.csv (empty cells dropped, values as floats)."""
-    path = run_dir / "csv" / "version_0" / "metrics.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the run wrote no CSV log (was logger=csv?)")
-    with open(path) as f:
-        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
 def series(rows: list[dict[str, float]], key: str) -> list[float]:

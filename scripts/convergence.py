@@ -22,7 +22,6 @@ flash ~1 min, standard ~1.5-2 min, flash-4k ~1 min, plus ~1 min the first time t
 """
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -36,6 +35,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from train import read_metrics  # noqa: E402  (the run directory layout is train.py's)
 
 # Tiny settings for a CPU check of the whole pipeline (FlashAttention then runs in Triton's interpreter).
 SMOKE = dict(
@@ -149,15 +150,6 @@ def train_overrides(args: argparse.Namespace, name: str, spec: dict, run_dir: Pa
     if args.data_root:
         overrides.append(f"data.data_root={Path(args.data_root).resolve()}")
     return overrides + args.extra
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, float]]:
-    """Rows of the run's csv/version_*/metrics.csv files in order, empty cells dropped."""
-    rows = []
-    for version in sorted((run_dir / "csv").glob("version_*"), key=lambda p: int(p.name.split("_")[1])):
-        with open(version / "metrics.csv") as f:
-            rows += [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
-    return rows
 
 
 def curves(rows: list[dict[str, float]], tokens_per_step: int) -> dict:

@@ -2,7 +2,6 @@
 the full-batch gradient), the non-finite-loss stop. train.py as users run it (subprocesses): loss goes down,
 the logged keys, wandb offline files; SIGTERM + resume equals an uninterrupted run; 2-process CPU DDP."""
 
-import csv
 import hashlib
 import math
 import os
@@ -232,13 +231,20 @@ def run_train(run_dir: Path, env: dict[str, str], *overrides: str, expect_rc: in
     return out
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, float]]:
-    """Rows of csv/version_<i>/metrics.csv of every start of the run, in order; empty cells dropped."""
-    rows = []
-    for version in sorted((run_dir / "csv").glob("version_*"), key=lambda p: int(p.name.split("_")[1])):
-        with open(version / "metrics.csv") as f:
-            rows += [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
-    return rows
+def sigterm_after_first_checkpoint(run_dir: Path, env: dict[str, str], *overrides: str) -> str:
+    """Start train.py, send SIGTERM once its first last.ckpt exists; returns the output (exit code 143 asserted)."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen(
+        train_cmd(run_dir, *overrides), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, out[-5000:]
+    return out
 
 
 def series(rows: list[dict[str, float]], key: str) -> dict[int, float]:
@@ -264,7 +270,7 @@ def test_train_py_trains_and_logs(tmp_path, run_env):
     out = run_train(run_dir, env, "trainer.max_steps=60", "val_every_n_steps=20", "logger=default")
     assert "No checkpoint at" in out and "starting a fresh run" in out
 
-    rows = read_metrics(run_dir)
+    rows = train.read_metrics(run_dir)
     keys = set().union(*rows)
     assert {"train/loss", "val/loss", "val/ppl", "lr", "throughput/tokens_per_sec", "train/grad_norm"} <= keys
     loss = series(rows, "train/loss")
@@ -306,16 +312,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, run_env):
     last = stopped / "checkpoints" / "last.ckpt"
     steps += ["logger=default"]  # csv + wandb (offline)
     env = run_env | {"WANDB_DIR": str(tmp_path)}
-    proc = subprocess.Popen(
-        train_cmd(stopped, *steps), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 128 + signal.SIGTERM, out[-5000:]
+    out = sigterm_after_first_checkpoint(stopped, env, *steps)
     k = ckpt_step(last)
     assert 10 <= k < 200 and f"Stopped by SIGTERM after step {k}" in out, out[-3000:]
 
@@ -327,7 +324,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, run_env):
     assert len(list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
     assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 2
 
-    a, b = read_metrics(straight), read_metrics(stopped)
+    a, b = train.read_metrics(straight), train.read_metrics(stopped)
     loss_a, loss_b = series(a, "train/loss"), series(b, "train/loss")  # fails on a repeated step
     assert sorted(loss_b) == sorted(loss_a) == list(range(200))  # no step lost or repeated
     for s in range(200):
@@ -345,16 +342,7 @@ def test_ddp_two_processes_accumulate_and_stop_together(tmp_path, run_env):
     args = ["trainer=ddp_cpu", "global_batch_size=16", "trainer.max_steps=200", "val_every_n_steps=100",
             "callbacks.last_checkpoint.every_n_steps=10"]  # fmt: skip
     last = run_dir / "checkpoints" / "last.ckpt"
-    proc = subprocess.Popen(
-        train_cmd(run_dir, *args), cwd=REPO, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 128 + signal.SIGTERM, out[-5000:]
+    out = sigterm_after_first_checkpoint(run_dir, run_env, *args)
     assert "2 device(s) x data.batch_size 4 x 2 accumulation = 16 sequences of 32 tokens per step" in out
     k = ckpt_step(last)
     assert f"Stopped by SIGTERM after step {k}" in out  # rank 0
@@ -362,4 +350,4 @@ def test_ddp_two_processes_accumulate_and_stop_together(tmp_path, run_env):
 
     out = run_train(run_dir, run_env, *args)
     assert f"Resuming from {last}" in out and ckpt_step(last) == 200
-    assert sorted(series(read_metrics(run_dir), "train/loss")) == list(range(200))
+    assert sorted(series(train.read_metrics(run_dir), "train/loss")) == list(range(200))
