@@ -138,8 +138,7 @@ def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
 
 def _sparse_args(idx: torch.Tensor | None, cnt: torch.Tensor | None, q: torch.Tensor):
     if idx is None:
-        dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
-        return dummy, dummy, 1, 1, 1
+        return q, q, 1, 1, 1  # placeholders: the kernels read them only when IS_SPARSE
     return idx, cnt, idx.shape[0], idx.shape[1], idx.shape[2]
 
 
@@ -180,7 +179,7 @@ def flash_fwd(
     if lse is None:
         lse_shape = (nheads, q.shape[0]) if varlen else (batch, nheads, q.shape[1])
         lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
-    cu_q = cu_seqlens_q if varlen else torch.zeros(1, dtype=torch.int32, device=q.device)
+    cu_q = cu_seqlens_q if varlen else q  # a placeholder: the kernels read it only when IS_VARLEN
     cu_k = cu_seqlens_k if varlen else cu_q
     s_idx, s_cnt, s_heads, s_nq, s_nk = _sparse_args(sparse_idx, sparse_cnt, q)
     threshold, drop_scale = _dropout_params(dropout_p)
@@ -247,7 +246,7 @@ def flash_bwd(
         HAS_DLSE=dlse is not None, HEAD_DIM=d, BLOCK_D=block_d, BLOCK=pre_block,
     )  # fmt: skip
 
-    cu_q = cu_seqlens_q if varlen else torch.zeros(1, dtype=torch.int32, device=q.device)
+    cu_q = cu_seqlens_q if varlen else q  # a placeholder: the kernels read it only when IS_VARLEN
     cu_k = cu_seqlens_k if varlen else cu_q
     threshold, drop_scale = _dropout_params(dropout_p)
     common = dict(

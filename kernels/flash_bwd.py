@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.flash_fwd import SPARSE_BLOCK_C, autotuning, dropout_keep, interpreting
+from kernels.flash_fwd import autotuning, dropout_keep, interpreting, sparse_position
 
 
 @triton.jit
@@ -67,8 +67,7 @@ def _bwd_dkdv_inner(
     d_ok = offs_d < HEAD_DIM
     for it in tl.range(lo, hi, BLOCK_M):
         if SPARSE:
-            block = it // SPARSE_BLOCK_C
-            start_m = tl.load(sparse_idx + block) * SPARSE_BLOCK_C + (it - block * SPARSE_BLOCK_C)
+            start_m = sparse_position(sparse_idx, it)
         else:
             start_m = it
         offs_m = start_m + offs_m0
@@ -122,8 +121,7 @@ def _bwd_dq_inner(
     d_ok = offs_d < HEAD_DIM
     for it in tl.range(lo, hi, BLOCK_N):
         if SPARSE:
-            block = it // SPARSE_BLOCK_C
-            start_n = tl.load(sparse_idx + block) * SPARSE_BLOCK_C + (it - block * SPARSE_BLOCK_C)
+            start_n = sparse_position(sparse_idx, it)
         else:
             start_n = it
         cols = start_n + offs_n0

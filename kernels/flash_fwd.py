@@ -63,6 +63,13 @@ def dropout_keep(seed, bh, rows, start_n, drop_threshold, BLOCK_N: tl.constexpr)
 
 
 @triton.jit
+def sparse_position(sparse_idx, it):
+    """Position `it` of the concatenated nonzero blocks listed at `sparse_idx` -> its real position."""
+    block = it // SPARSE_BLOCK_C
+    return tl.load(sparse_idx + block) * SPARSE_BLOCK_C + (it - block * SPARSE_BLOCK_C)
+
+
+@triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
     offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold, sparse_idx,
@@ -78,8 +85,7 @@ def _fwd_inner(
     d_ok = offs_d < HEAD_DIM
     for it in tl.range(lo, hi, BLOCK_N):
         if SPARSE:
-            block = it // SPARSE_BLOCK_C
-            start_n = tl.load(sparse_idx + block) * SPARSE_BLOCK_C + (it - block * SPARSE_BLOCK_C)
+            start_n = sparse_position(sparse_idx, it)
         else:
             start_n = it
         cols = start_n + offs_n
