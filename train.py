@@ -198,6 +198,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         net,
         optimizer=hydra.utils.instantiate(cfg.optim),
         scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        compile=cfg.get("compile", False),
     )
 
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]

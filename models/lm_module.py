@@ -75,6 +75,9 @@ class LMModule(L.LightningModule):
             applies to the decayed group only (see `param_groups`).
         scheduler: partial scheduler, called as `scheduler(optimizer, total_steps=...)` and stepped after
             every optimizer step; None for a constant learning rate.
+        compile: run the network and the cross-entropy through `torch.compile` (fuses the layer norms,
+            GELU, dropout and the softmax of the loss into few kernels; the first steps compile). Our
+            attention kernels enter the graph as custom ops.
     """
 
     def __init__(
@@ -82,9 +85,11 @@ class LMModule(L.LightningModule):
         net: nn.Module,
         optimizer: Callable[..., Optimizer],
         scheduler: Callable[..., LRScheduler] | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.net = net
+        self._next_token_loss = torch.compile(self.next_token_loss) if compile else self.next_token_loss
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.val_loss = MeanMetric()
@@ -105,6 +110,10 @@ class LMModule(L.LightningModule):
                 f"expected a batch (x, y) of equal (B, T) shapes, got {tuple(x.shape)}, {tuple(y.shape)}"
             )
         self._tokens_per_batch = tuple(x.shape)
+        return self._next_token_loss(x, y)
+
+    def next_token_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of `net(x)` against `y`, both (B, T) int64, computed in at least fp32."""
         logits = self.net(x)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (B, T, V); bf16 -> fp32
         return F.cross_entropy(logits.flatten(0, 1), y.flatten())

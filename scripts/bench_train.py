@@ -2,7 +2,8 @@
 
 One training step = forward + cross-entropy + backward + AdamW step, bf16 autocast on CUDA (float32
 master weights), random tokens, dropout 0.1, the same micro-batch / sequence length / precision for every
-implementation in a group. Each config runs `--warmup` untimed steps, then `--steps` steps timed one by
+implementation in a group. Rows named `...+compile` run the forward and the loss through `torch.compile`
+(what `python train.py compile=true` does); the HF baselines run as HuggingFace ships them, in eager mode. Each config runs `--warmup` untimed steps, then `--steps` steps timed one by
 one with CUDA events; the median step time gives tokens/s, and
 
     MFU = flops_per_token(seq_len) * tokens/s / peak dense bf16 FLOP/s of the GPU
@@ -71,17 +72,20 @@ class Config:
     size: str
     seq_len: int
     batch_size: int
+    compile: bool = False  # torch.compile forward + loss
 
     @property
     def name(self) -> str:
-        return f"{self.group}:{self.impl}"
+        return f"{self.group}:{self.impl}{'+compile' if self.compile else ''}"
 
 
 DEFAULT_CONFIGS = (
     [Config("small-1k", impl, "small", 1024, 16) for impl in IMPLS]
+    + [Config("small-1k", impl, "small", 1024, 16, compile=True) for impl in ("ours-flash", "ours-sdpa")]
     # Micro-batch 8: HF-eager GPT-2 medium runs out of memory at 16 on an 80 GB card.
     + [Config("medium-1k", impl, "medium", 1024, 8) for impl in ("ours-flash", "hf-eager", "hf-sdpa")]
-    + [Config("small-4k", "ours-flash", "small", 4096, 4)]
+    + [Config("medium-1k", "ours-flash", "medium", 1024, 8, compile=True)]
+    + [Config("small-4k", "ours-flash", "small", 4096, 4, compile=c) for c in (False, True)]
     + [Config("small-16k", impl, "small", 16384, 1) for impl in ("ours-flash", "hf-eager")]
 )
 
@@ -137,14 +141,18 @@ def run_config(cfg: Config, args: argparse.Namespace, device: torch.device, peak
     model.train()
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused)
-    step_fn = torch.compile(model) if args.compile else model
     x = torch.randint(0, model.vocab_size, (cfg.batch_size, cfg.seq_len + 1), device=device)
     x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()
 
-    def train_step() -> torch.Tensor:
+    def forward_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = step_fn(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            logits = model(x)
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+    loss_fn = torch.compile(forward_loss) if cfg.compile else forward_loss
+
+    def train_step() -> torch.Tensor:
+        loss = loss_fn(x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -193,7 +201,7 @@ def markdown(report: dict) -> str:
         "",
         f"{report['date']}; torch {report['versions']['torch']}, triton {report['versions']['triton']}, "
         f"transformers {report['versions']['transformers']}; {report['precision']}, AdamW, dropout "
-        f"{report['args']['dropout']}, compile={report['args']['compile']}; median of "
+        f"{report['args']['dropout']}; `+compile`: forward and loss through torch.compile; median of "
         f"{report['args']['steps']} steps after {report['args']['warmup']} warm-up steps; "
         f"MFU against {report['peak_tflops'] or 'n/a'} TFLOP/s peak.",
         "",
@@ -205,7 +213,9 @@ def markdown(report: dict) -> str:
     ]
 
     def ratio(row: dict, baseline: str) -> str:
-        base = next((r for r in rows if r["group"] == row["group"] and r["impl"] == baseline), None)
+        base = next(
+            (r for r in rows if r["group"] == row["group"] and r["name"].endswith(f":{baseline}")), None
+        )
         if base is None or row["status"] != "ok":
             return ""
         if base["status"] != "ok":
@@ -213,7 +223,7 @@ def markdown(report: dict) -> str:
         return f"{row['tokens_per_s'] / base['tokens_per_s']:.2f}x"
 
     for r in rows:
-        head = f"| {r['group']} | {r['impl']} | {r['seq_len']} | {r['batch_size']} "
+        head = f"| {r['group']} | {r['name'].split(':')[1]} | {r['seq_len']} | {r['batch_size']} "
         if r["status"] != "ok":
             lines.append(head + f"| {r['status'][:80]} | | | | | | |")
             continue
@@ -233,7 +243,6 @@ def main() -> None:
     parser.add_argument("--only", default="*", help="comma-separated fnmatch patterns on 'group:impl' names")
     parser.add_argument("--steps", type=int, default=15, help="timed steps per config")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, autotuning)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's peak for MFU")
     parser.add_argument("--size", choices=SIZES, default=None, help="force every config to this model size")
@@ -285,7 +294,13 @@ def main() -> None:
 
     t_start = time.time()
     for cfg in configs:
-        row = {"name": cfg.name, "group": cfg.group, "impl": cfg.impl, "size": cfg.size}
+        row = {
+            "name": cfg.name,
+            "group": cfg.group,
+            "impl": cfg.impl,
+            "compile": cfg.compile,
+            "size": cfg.size,
+        }
         row |= {"seq_len": cfg.seq_len, "batch_size": cfg.batch_size}
         t0 = time.time()
         try:

@@ -5,6 +5,7 @@ the logged keys, wandb offline files; SIGTERM + resume equals an uninterrupted r
 import hashlib
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -93,6 +94,36 @@ def test_loss_is_next_token_cross_entropy():
     assert module.loss((x, y)).item() == pytest.approx(ref.item(), rel=1e-6)
     with pytest.raises(ValueError, match="equal"):
         module.loss((x, y[:, :-1]))
+
+
+@pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="torch.compile needs a C compiler"
+)
+def test_compiled_module_trains_like_eager():
+    """compile=True (torch.compile of net + loss, inductor): the same losses and weights as eager, 3 steps."""
+    runs = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        module = LMModule(
+            GPT2(**TINY, attn_impl="sdpa"), optimizer=partial(torch.optim.SGD, lr=0.1), compile=compile
+        )
+        losses = []
+        trainer = quiet_trainer(max_steps=3, callbacks=[LossRecorder(losses)])
+        trainer.fit(module, DataLoader(token_batches(6), batch_size=2, shuffle=False))
+        runs.append((losses, [p.detach().clone() for p in module.net.parameters()]))
+    (eager_losses, eager_params), (compiled_losses, compiled_params) = runs
+    assert len(compiled_losses) == 3
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
+    for a, b in zip(eager_params, compiled_params, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+class LossRecorder(L.Callback):
+    def __init__(self, losses: list[float]):
+        self.losses = losses
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
 
 
 def one_sgd_step(micro_batch: int, accumulate: int) -> dict[str, torch.Tensor]:
