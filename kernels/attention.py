@@ -17,7 +17,13 @@ import math
 import torch
 import triton
 
-from kernels.flash_bwd import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess
+from kernels.flash_bwd import (
+    _bwd_dkdv_kernel,
+    _bwd_dq_kernel,
+    _bwd_preprocess,
+    _bwd_short_kernel,
+    short_bwd_tiles,
+)
 from kernels.flash_fwd import LOG2E, SPARSE_BLOCK, _fwd_kernel, interpreting, seqlen_bucket
 
 HEAD_DIMS = (16, 32, 64, 96, 128, 256)
@@ -224,17 +230,42 @@ def flash_bwd(
     dk: torch.Tensor | None = None,
     dv: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the three backward kernels; returns (dq, dk, dv) in q/k/v's shapes and dtype."""
+    """Launch the backward kernels; returns (dq, dk, dv) in q/k/v's shapes and dtype.
+
+    Short key sequences (`kernels.flash_bwd.short_bwd_tiles`) take the one-launch `_bwd_short_kernel`
+    unless block-sparse; the rest take `_bwd_preprocess`, `_bwd_dkdv_kernel` and `_bwd_dq_kernel`.
+    """
     varlen = cu_seqlens_q is not None
     nheads, d = q.shape[-2], q.shape[-1]
     nheads_k = k.shape[-2]
     batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
     dout = _last_dim_contiguous(dout)
+    if dlse is not None and dlse.stride() != lse.stride():
+        # The kernels read dlse with lse's strides; e.g. the gradient of lse.sum() arrives expanded.
+        dlse = torch.empty_like(lse).copy_(dlse)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
-    delta = torch.empty_like(lse)
     block_d = triton.next_power_of_2(d)
+    cu_q = cu_seqlens_q if varlen else q  # a placeholder: the kernels read it only when IS_VARLEN
+    cu_k = cu_seqlens_k if varlen else cu_q
+    threshold, drop_scale = _dropout_params(dropout_p)
+
+    tiles = None if q2k_idx is not None else short_bwd_tiles(d, max_seqlen_k)
+    if tiles is not None:
+        block_m, block_n, num_warps = tiles
+        _bwd_short_kernel[(batch * nheads_k,)](
+            q, k, v, out, dout, lse, dlse if dlse is not None else lse, dq, dk, dv, cu_q, cu_k,
+            *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
+            *_strides3(dout, varlen), *_strides3(dq, varlen), *_strides3(dk, varlen), *_strides3(dv, varlen),
+            *_lse_strides(lse, varlen), max_seqlen_q, max_seqlen_k, nheads_k, nheads // nheads_k,
+            softmax_scale * LOG2E, softmax_scale, seed, threshold, drop_scale,
+            IS_CAUSAL=causal, HAS_DROPOUT=dropout_p > 0, IS_VARLEN=varlen, HAS_DLSE=dlse is not None,
+            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        )  # fmt: skip
+        return dq, dk, dv
+
+    delta = torch.empty_like(lse)
 
     # D = rowsum(dO * O) - dlse. Packed (varlen) inputs are treated as one long sequence here.
     rows = q.shape[0] if varlen else q.shape[1]
@@ -246,9 +277,6 @@ def flash_bwd(
         HAS_DLSE=dlse is not None, HEAD_DIM=d, BLOCK_D=block_d, BLOCK=pre_block,
     )  # fmt: skip
 
-    cu_q = cu_seqlens_q if varlen else q  # a placeholder: the kernels read it only when IS_VARLEN
-    cu_k = cu_seqlens_k if varlen else cu_q
-    threshold, drop_scale = _dropout_params(dropout_p)
     common = dict(
         IS_CAUSAL=causal, HAS_DROPOUT=dropout_p > 0, IS_VARLEN=varlen, IS_SPARSE=q2k_idx is not None,
         HEAD_DIM=d, BLOCK_D=block_d, SPARSE_BLOCK_SIZE=SPARSE_BLOCK,

@@ -11,6 +11,10 @@ Three launches, none with atomics, so gradients are bitwise deterministic:
   2. `_bwd_dkdv_kernel`: one program per key block of one kv head; it walks the query blocks of every
      query head in its GQA group, so dK and dV are sums formed in registers in a fixed order.
   3. `_bwd_dq_kernel`: one program per query block; it walks the key blocks like the forward pass.
+Short key sequences (max_seqlen_k <= SHORT_SEQLEN_K at head dim <= 64, half that at head dim 96/128,
+never at 256; not block-sparse) take one launch instead, which matters when launches dominate:
+  4. `_bwd_short_kernel`: one program per (batch, kv head) holds the single key block; it computes D
+     inline, and dQ of each query block is complete after that block, so it also needs no atomics.
 Layouts are those of `kernels.flash_fwd` (dq/dk/dv share q/k/v's layout; D shares lse's).
 """
 
@@ -18,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.flash_fwd import autotuning, dropout_keep, interpreting, sparse_position
+from kernels.flash_fwd import autotuning, bench_config, dropout_keep, interpreting, sparse_position
 
 
 @triton.jit
@@ -189,7 +193,12 @@ def _prune_bwd(configs, named_args, **kwargs):
 _BWD_KEY = ["HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT", "IS_VARLEN", "IS_SPARSE", "Q_BUCKET", "K_BUCKET"]
 
 
-@triton.autotune(configs=_bwd_configs(), key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune_bwd})
+@triton.autotune(
+    configs=_bwd_configs(),
+    key=_BWD_KEY,
+    prune_configs_by={"early_config_prune": _prune_bwd},
+    do_bench=bench_config,
+)
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, CuQ, CuK, SparseIdx, SparseCnt,
@@ -313,7 +322,12 @@ def _dq_configs() -> list:
     ]
 
 
-@triton.autotune(configs=_dq_configs(), key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune_bwd})
+@triton.autotune(
+    configs=_dq_configs(),
+    key=_BWD_KEY,
+    prune_configs_by={"early_config_prune": _prune_bwd},
+    do_bench=bench_config,
+)
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ, CuQ, CuK, SparseIdx, SparseCnt,
@@ -402,4 +416,164 @@ def _bwd_dq_kernel(
         DQ + dq_off + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
         dq.to(DQ.dtype.element_ty),
         mask=qd_mask,
+    )
+
+
+# Longest key sequence whose backward is one launch of `_bwd_short_kernel` (at head dim <= 64). Its
+# program keeps K, V, dK and dV of the whole key sequence in registers, [BLOCK_N, BLOCK_D] each, next to
+# (keys x BLOCK_M) score tiles, so the limit is set by registers. Compiled for sm_90 (bf16):
+#   head dim <= 64, up to 128 keys, BLOCK_M = 32: no spills (8 warps once BLOCK_N * BLOCK_D > 32 * 64;
+#     4 warps or BLOCK_M = 64 at 128 x 64 spill).
+#   head dim 96/128 (BLOCK_D = 128), up to 64 keys, BLOCK_M = 16, 8 warps: no spills up to 32 keys;
+#     at 64 keys 24-88 bytes per thread (most with dropout), kept for the two launches it saves.
+#   head dim 256: never (the 3-kernel path).
+SHORT_SEQLEN_K = 128
+
+
+def short_bwd_tiles(head_dim: int, max_seqlen_k: int) -> tuple[int, int, int] | None:
+    """(BLOCK_M, BLOCK_N, num_warps) of the one-launch backward, or None when the 3-kernel path serves.
+
+    BLOCK_N is the next power of two >= max_seqlen_k (at least 16): one block holds every key.
+    """
+    if head_dim <= 64:
+        limit = SHORT_SEQLEN_K
+    elif head_dim <= 128:
+        limit = SHORT_SEQLEN_K // 2
+    else:
+        limit = 0
+    if max_seqlen_k > limit:
+        return None
+    block_n = max(triton.next_power_of_2(max_seqlen_k), 16)
+    if interpreting():
+        return 16, block_n, 4  # small tiles keep the CPU interpreter fast, as in `_bwd_configs`
+    block_m = 32 if head_dim <= 64 else 16
+    num_warps = 4 if block_n * triton.next_power_of_2(head_dim) <= 32 * 64 else 8  # no spills (above)
+    return block_m, block_n, num_warps
+
+
+@triton.jit
+def _bwd_short_kernel(
+    Q, K, V, Out, DO, Lse, DLse, DQ, DK, DV, CuQ, CuK,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh,
+    stride_dqb, stride_dqt, stride_dqh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
+    stride_lb, stride_lh, stride_lt,
+    seqlen_q, seqlen_k, nheads_k, gqa_group, qk_scale, sm_scale, seed, drop_threshold, drop_scale,
+    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """dQ, dK and dV of one (batch, kv head) whose keys all fit in one block (seqlen_k <= BLOCK_N).
+
+    The whole backward in one launch: K and V of the sequence stay in registers while the program walks
+    every query head of the GQA group and every BLOCK_M query rows. Each query block computes its
+    D = rowsum(dO * O) - dlse, recomputes P (transposed, keys x queries, as in `_bwd_dkdv_inner`),
+    adds its share to dK and dV, and stores its dQ = scale * dS K, which is complete because there is
+    no other key block. No atomics: the sums run in a fixed order, so gradients are deterministic.
+    Masks as in the other kernels: bottom-right causal, lse = -inf rows get P = 0, and the dropout
+    keep-mask of head bh = b * nheads + h at columns 0 .. BLOCK_N, which is the forward's mask bit for bit.
+    Grid: (batch * nheads_k,). Layouts as in the module docstring.
+    """
+    bhk = tl.program_id(0)
+    b = bhk // nheads_k
+    hk = bhk % nheads_k
+    if IS_VARLEN:
+        q_start = tl.load(CuQ + b)
+        seqlen_q = tl.load(CuQ + b + 1) - q_start
+        k_start = tl.load(CuK + b)
+        seqlen_k = tl.load(CuK + b + 1) - k_start
+        q_off = q_start.to(tl.int64) * stride_qt
+        o_off = q_start.to(tl.int64) * stride_ot
+        do_off = q_start.to(tl.int64) * stride_dot
+        dq_off = q_start.to(tl.int64) * stride_dqt
+        l_off = q_start.to(tl.int64) * stride_lt
+        k_off = k_start.to(tl.int64) * stride_kt
+        v_off = k_start.to(tl.int64) * stride_vt
+        dk_off = k_start.to(tl.int64) * stride_dkt
+        dv_off = k_start.to(tl.int64) * stride_dvt
+    else:
+        q_off = b.to(tl.int64) * stride_qb
+        o_off = b.to(tl.int64) * stride_ob
+        do_off = b.to(tl.int64) * stride_dob
+        dq_off = b.to(tl.int64) * stride_dqb
+        l_off = b.to(tl.int64) * stride_lb
+        k_off = b.to(tl.int64) * stride_kb
+        v_off = b.to(tl.int64) * stride_vb
+        dk_off = b.to(tl.int64) * stride_dkb
+        dv_off = b.to(tl.int64) * stride_dvb
+    causal_shift = seqlen_k - seqlen_q
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    d_ok = offs_d < HEAD_DIM
+    n_ok = offs_n < seqlen_k
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(
+        K + k_off + hk * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0
+    )
+    v = tl.load(
+        V + v_off + hk * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0
+    )
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(0, gqa_group):
+        h = hk * gqa_group + g
+        bh = b * nheads_k * gqa_group + h
+        for start_m in range(0, seqlen_q, BLOCK_M):
+            offs_m = start_m + offs_m0
+            m_ok = offs_m < seqlen_q
+            md_mask = m_ok[:, None] & d_ok[None, :]
+            qT = tl.load(
+                Q + q_off + h * stride_qh + offs_m[None, :] * stride_qt + offs_d[:, None],
+                mask=m_ok[None, :] & d_ok[:, None],
+                other=0.0,
+            )
+            do = tl.load(
+                DO + do_off + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                mask=md_mask,
+                other=0.0,
+            )
+            o = tl.load(
+                Out + o_off + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                mask=md_mask,
+                other=0.0,
+            )
+            l_ptrs = l_off + h * stride_lh + offs_m * stride_lt
+            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+            if HAS_DLSE:
+                delta -= tl.load(DLse + l_ptrs, mask=m_ok, other=0.0)
+            # Rows past the end get lse = +inf and rows that saw no key have lse = -inf: both get P = 0.
+            lse = tl.load(Lse + l_ptrs, mask=m_ok, other=float("inf"))
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            pT = tl.math.exp2(tl.dot(k, qT) * qk_scale - lse2[None, :])
+            allowed = n_ok[:, None]
+            if IS_CAUSAL:
+                allowed = allowed & (offs_n[:, None] <= offs_m[None, :] + causal_shift)
+            pT = tl.where(allowed, pT, 0.0)
+            dpT = tl.dot(v, tl.trans(do))
+            if HAS_DROPOUT:
+                keepT = tl.trans(dropout_keep(seed, bh, offs_m, 0, drop_threshold, BLOCK_N))
+                pdT = tl.where(keepT, pT * drop_scale, 0.0)
+                dpT = tl.where(keepT, dpT * drop_scale, 0.0)
+            else:
+                pdT = pT
+            dv = tl.dot(pdT.to(do.dtype), do, dv)
+            dsT = pT * (dpT - delta[None, :])
+            dsT = dsT.to(qT.dtype)
+            dk = tl.dot(dsT, tl.trans(qT), dk)
+            dq = tl.dot(tl.trans(dsT), k) * sm_scale
+            tl.store(
+                DQ + dq_off + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+                dq.to(DQ.dtype.element_ty),
+                mask=md_mask,
+            )
+    dk = dk * sm_scale
+    tl.store(
+        DK + dk_off + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
+        dk.to(DK.dtype.element_ty),
+        mask=kv_mask,
+    )
+    tl.store(
+        DV + dv_off + hk * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=kv_mask,
     )

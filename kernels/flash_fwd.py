@@ -40,6 +40,12 @@ def autotuning() -> bool:
     return os.environ.get("FLASHREPRO_AUTOTUNE", "1") != "0"
 
 
+def bench_config(kernel_call, quantiles):
+    """Autotuning timer: CUDA-graph replays, so a config's time at small sizes is the kernel's own and not
+    the CPU's launch overhead (which made eager timings pick configs at random below ~512 tokens)."""
+    return triton.testing.do_bench_cudagraph(kernel_call, quantiles=quantiles)
+
+
 @triton.jit
 def dropout_keep(seed, bh, rows, start_n, drop_threshold, BLOCK_N: tl.constexpr):
     """Keep-mask (len(rows), BLOCK_N) for columns start_n .. start_n + BLOCK_N of head `bh`.
@@ -165,6 +171,7 @@ def _prune_fwd(configs, named_args, **kwargs):
     configs=_fwd_configs(),
     key=["HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT", "IS_VARLEN", "IS_SPARSE", "Q_BUCKET", "K_BUCKET"],
     prune_configs_by={"early_config_prune": _prune_fwd},
+    do_bench=bench_config,
 )
 @triton.jit
 def _fwd_kernel(

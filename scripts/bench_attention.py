@@ -400,7 +400,10 @@ def environment():
 
 
 def fmt(x, key):
-    return f"{x[key]:.2f}" if isinstance(x, dict) else str(x)
+    """Two decimals, or three significant digits below 1 (microsecond-scale times at small N)."""
+    if not isinstance(x, dict):
+        return str(x)
+    return f"{x[key]:.3g}" if abs(x[key]) < 1 else f"{x[key]:.2f}"
 
 
 def write_report(out_dir: Path, data: dict):
@@ -414,6 +417,11 @@ def write_report(out_dir: Path, data: dict):
         f"torch {e['torch']}, triton {e['triton']}, CUDA {e['cuda']}, {e['date']}. `{e['command']}`",
         "",
         f"```\n{e['nvidia_smi']}\n```",
+        "",
+        *(
+            f"- last {section} run: {se['date']}, `{se['command']}`"
+            for section, se in data.get("env_by_section", {}).items()
+        ),
         "",
         "## Targets",
         "",
@@ -430,10 +438,12 @@ def write_report(out_dir: Path, data: dict):
         "## Paper setting: batch 16, 8 heads, headdim 64, bf16 (ms; memory in MiB)",
         "",
         "`flash_dropout`: dropout 0.1; `flash_mask`: a padding mask (lengths uniform in N-20..N, served by the "
-        "varlen path); `flash_dropout_mask`: both. Backward = (fwd+bwd) - fwd.",
+        "varlen path); `flash_dropout_mask`: both. Backward = (fwd+bwd) - fwd. Rows of different N may come "
+        "from different runs (`--paper-seqlens`); `autotuned` says whether our kernels were autotuned for that "
+        "N (FLASHREPRO_AUTOTUNE=0 runs use each kernel's first fitting config, to save time).",
         "",
-        "| N | method | fwd | bwd | fwd+bwd | peak extra MiB |",
-        "|---|---|---|---|---|---|",
+        "| N | autotuned | method | fwd | bwd | fwd+bwd | peak extra MiB |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in data["paper"]:
         for m in (
@@ -446,7 +456,7 @@ def write_report(out_dir: Path, data: dict):
             x = r.get(m)
             name = m + (f" (density {r['butterfly_density']:.3f})" if m == "block_sparse_butterfly" else "")
             lines.append(
-                f"| {r['seqlen']} | {name} | {fmt(x, 'fwd_ms')} | {fmt(x, 'bwd_ms')} | {fmt(x, 'fwd_bwd_ms')} | {fmt(x, 'mem_mb')} |"
+                f"| {r['seqlen']} | {r.get('autotune', 'n/a')} | {name} | {fmt(x, 'fwd_ms')} | {fmt(x, 'bwd_ms')} | {fmt(x, 'fwd_bwd_ms')} | {fmt(x, 'mem_mb')} |"
             )
     lines += [
         "",

@@ -4,6 +4,9 @@ Tolerance follows flash-attn's rule: the kernel's max error against the float64 
 twice the error of the same-precision PyTorch reference (kernels.reference in q's dtype), plus a small
 absolute slack. On the CPU the kernels run in Triton's interpreter (fp32 / fp16, small sizes); the
 GPU tests (bf16, long sequences, determinism) skip without CUDA.
+
+Short key sequences take a one-launch backward (`_bwd_short_kernel`), longer ones three kernels. Tests
+taking the `bwd_path` fixture run on both: "three_kernels" sets `SHORT_SEQLEN_K` to 0 for the test.
 """
 
 import math
@@ -11,6 +14,7 @@ import math
 import pytest
 import torch
 
+import kernels.flash_bwd as bwd_module
 from kernels import (
     SPARSE_BLOCK,
     attention_ref,
@@ -24,6 +28,7 @@ from kernels import (
     unpad_input,
 )
 from kernels.attention import draw_seed, flash_bwd, flash_fwd
+from kernels.flash_bwd import short_bwd_tiles
 from kernels.flash_fwd import dropout_mask
 from kernels.reference import block_mask_to_dense
 
@@ -67,6 +72,30 @@ def compare(flash_fn, ref_fn, inputs, dtype, dout=None, dlse=None):
         check(f"gradient of input {i}", a, b, c, dtype)
 
 
+@pytest.fixture(params=["one_launch", "three_kernels"])
+def bwd_path(request, monkeypatch):
+    """Which backward serves the test: "three_kernels" turns the one-launch path off."""
+    if request.param == "three_kernels":
+        monkeypatch.setattr(bwd_module, "SHORT_SEQLEN_K", 0)
+    return request.param
+
+
+def assert_bwd_path(bwd_path, headdim, max_seqlen_k):
+    """The dispatch rule sends these sizes down `bwd_path` (so the test checks the path it names)."""
+    one_launch = short_bwd_tiles(headdim, max_seqlen_k) is not None
+    assert one_launch == (bwd_path == "one_launch"), (bwd_path, headdim, max_seqlen_k)
+
+
+def both_paths(cases, headdim_at=-2, seqlen_k_at=2):
+    """Each case on the 3-kernel path, and on the one-launch path where its sizes allow it."""
+    out = []
+    for c in cases:
+        out.append((*c, "three_kernels"))
+        if short_bwd_tiles(c[headdim_at], c[seqlen_k_at]) is not None:
+            out.append((*c, "one_launch"))
+    return out
+
+
 # The shared tests run in float32 in the CPU interpreter and in float16 on a GPU.
 DT = torch.float16 if CUDA else torch.float32
 
@@ -83,13 +112,18 @@ DENSE_CASES = [
     (1, 47, 100, 2, 2, 64, True),
     (2, 65, 33, 4, 1, 16, False),  # MQA
     (1, 70, 81, 4, 2, 96, True),  # GQA, padded head dim
+    (1, 50, 60, 4, 2, 32, True),  # GQA, causal, seqlen_q != seqlen_k, one key block
+    (1, 40, 64, 4, 2, 128, True),  # GQA at head dim 128: the longest one-launch key sequence there
     (1, 1, 1, 1, 1, 128, False),
     (1, 17, 130, 2, 2, 256, False),
 ]
 
 
-@pytest.mark.parametrize("b,sq,sk,h,hk,d,causal", DENSE_CASES)
-def test_dense_matches_float64(b, sq, sk, h, hk, d, causal):
+@pytest.mark.parametrize("b,sq,sk,h,hk,d,causal,bwd_path", both_paths(DENSE_CASES), indirect=["bwd_path"])
+def test_dense_matches_float64(b, sq, sk, h, hk, d, causal, bwd_path):
+    """Outputs, lse and gradients (incl. through lse) on both backward paths; the query loop of the
+    one-launch kernel runs several times whenever seqlen_q exceeds its BLOCK_M (16 in the interpreter)."""
+    assert_bwd_path(bwd_path, d, sk)
     torch.manual_seed(sq * 1000 + sk + d)
     q, k, v = rand(b, sq, h, d), rand(b, sk, hk, d), rand(b, sk, hk, d)
     dout, dlse = rand(b, sq, h, d), rand(b, h, sq)
@@ -126,9 +160,10 @@ def test_softmax_scale_and_views_of_packed_qkv():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_varlen_matches_per_sequence_float64(causal):
+def test_varlen_matches_per_sequence_float64(causal, bwd_path):
     torch.manual_seed(3)
     lens_q, lens_k = [5, 150, 1, 40], [9, 120, 33, 40]
+    assert_bwd_path(bwd_path, 32, max(lens_k))
     cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
     cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
     h, d = 2, 32
@@ -219,7 +254,9 @@ def test_dropout_is_reproducible_per_seed():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_dropout_gradients_match_reference_with_recovered_mask(causal):
+def test_dropout_gradients_match_reference_with_recovered_mask(causal, bwd_path):
+    """The backward regenerates the forward's keep-mask bit for bit, on both backward paths."""
+    assert_bwd_path(bwd_path, 32, 80)
     (q, k, v), out, grads = dropout_case(seed=13, p=0.3, n=80, causal=causal)
     torch.manual_seed(13)  # the seed the kernel drew
     keep = dropout_mask(1, 2, 80, 80, draw_seed(), 0.3, DEVICE)
@@ -246,9 +283,11 @@ def test_dropout_kept_fraction_within_binomial_bounds():
     assert ((per_head - (1 - p)).abs() < 5 * math.sqrt(p * (1 - p) / (256 * 256))).all()
 
 
-def test_every_output_element_is_written():
+def test_every_output_element_is_written(bwd_path):
+    """Preallocated outputs (NaN-poisoned) are filled entirely, on both backward paths."""
     torch.manual_seed(8)
     b, sq, sk, h, d = 2, 75, 90, 2, 32
+    assert_bwd_path(bwd_path, d, sk)
     q, k, v = rand(b, sq, h, d), rand(b, sk, h, d), rand(b, sk, h, d)
     out = torch.full_like(q, float("nan"))
     lse = torch.full((b, h, sq), float("nan"), device=DEVICE)
@@ -261,12 +300,91 @@ def test_every_output_element_is_written():
     assert not dq.isnan().any() and not dk.isnan().any() and not dv.isnan().any()
 
 
-def test_backward_is_deterministic():
+def test_backward_is_deterministic(bwd_path):
     torch.manual_seed(9)
     q, k, v = rand(1, 64, 4, 32), rand(1, 64, 2, 32), rand(1, 64, 2, 32)
+    assert_bwd_path(bwd_path, 32, 64)
     _, g1 = run(lambda q, k, v: flash_attn_func(q, k, v, causal=True), [q, k, v], q)
     _, g2 = run(lambda q, k, v: flash_attn_func(q, k, v, causal=True), [q, k, v], q)
     assert all(torch.equal(a, b) for a, b in zip(g1, g2, strict=True))
+
+
+def test_short_bwd_dispatch_rule(monkeypatch):
+    """One launch while one key block of at most SHORT_SEQLEN_K keys fits (half at head dims 96/128)."""
+    assert short_bwd_tiles(64, 128)[1] == 128 and short_bwd_tiles(64, 129) is None
+    assert short_bwd_tiles(32, 100)[1] == 128 and short_bwd_tiles(16, 1)[1] == 16
+    assert short_bwd_tiles(96, 64)[1] == 64 and short_bwd_tiles(128, 65) is None
+    assert short_bwd_tiles(256, 16) is None
+    monkeypatch.setattr(bwd_module, "SHORT_SEQLEN_K", 0)
+    assert short_bwd_tiles(64, 1) is None
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_bwd_paths_agree_with_dropout(varlen, monkeypatch):
+    """Both backward paths give the same gradients for one forward pass (GQA, causal, dropout, dlse)."""
+    torch.manual_seed(16)
+    h, hk, d, scale, p, seed = 4, 2, 32, 0.2, 0.3, 1234
+    if varlen:
+        lens_q, lens_k = [33, 9], [20, 45]
+        cu_q = torch.tensor([0, 33, 42], dtype=torch.int32, device=DEVICE)
+        cu_k = torch.tensor([0, 20, 65], dtype=torch.int32, device=DEVICE)
+        q, k, v = rand(42, h, d), rand(65, hk, d), rand(65, hk, d)
+        dout, dlse = rand(42, h, d), rand(h, 42)
+    else:
+        lens_q, lens_k, cu_q, cu_k = [45], [37], None, None
+        q, k, v = rand(2, 45, h, d), rand(2, 37, hk, d), rand(2, 37, hk, d)
+        dout, dlse = rand(2, 45, h, d), rand(2, h, 45)
+    sizes = (max(lens_q), max(lens_k))
+    out, lse = flash_fwd(q, k, v, cu_q, cu_k, *sizes, None, None, scale, True, p, seed)
+
+    def grads():
+        return flash_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, *sizes, None, None, None, None,
+                         scale, True, p, seed)  # fmt: skip
+
+    assert short_bwd_tiles(d, sizes[1]) is not None
+    one_launch = grads()
+    monkeypatch.setattr(bwd_module, "SHORT_SEQLEN_K", 0)
+    three_kernels = grads()
+    tol = dict(atol=1e-5, rtol=1e-5) if DT == torch.float32 else dict(atol=2e-3, rtol=2e-3)
+    for name, a, b in zip(("dq", "dk", "dv"), one_launch, three_kernels, strict=True):
+        assert b.abs().max() > 0.1, name  # dropout and masks left real gradients to compare
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_gradient_of_lse_sum(bwd_path):
+    """lse.sum() sends back an expanded (stride 0) dlse; the kernels must read it as lse-shaped."""
+    torch.manual_seed(17)
+    q, k, v = rand(2, 40, 2, 32), rand(2, 40, 2, 32), rand(2, 40, 2, 32)
+    assert_bwd_path(bwd_path, 32, 40)
+
+    def grads(fn, inputs):
+        leaves = [x.detach().clone().requires_grad_() for x in inputs]
+        out, lse = fn(*leaves)
+        (out.float().sum() + 3 * lse.sum()).backward()
+        return [x.grad for x in leaves]
+
+    got = grads(lambda q, k, v: flash_attn_func(q, k, v, causal=True, return_lse=True), [q, k, v])
+    ref = grads(
+        lambda q, k, v: attention_ref(q, k, v, causal=True, return_lse=True), [x.double() for x in (q, k, v)]
+    )
+    same = grads(lambda q, k, v: attention_ref(q, k, v, causal=True, return_lse=True), [q, k, v])
+    for i, (a, b, c) in enumerate(zip(got, same, ref, strict=True)):
+        check(f"gradient of input {i}", a, b, c, DT)
+
+
+def test_block_sparse_short_keys_keep_the_sparse_backward():
+    """Key sequences short enough for the one-launch backward still honour a block mask when sparse."""
+    torch.manual_seed(18)
+    b, n, h, d = 1, 100, 2, 32
+    assert short_bwd_tiles(d, n) is not None
+    q, k, v = rand(b, n, h, d), rand(b, n, h, d), rand(b, n, h, d)
+    block_mask = torch.tensor([[[True]], [[False]]], device=DEVICE)  # head 1 attends to nothing
+    dense = block_mask_to_dense(block_mask, n, n, SPARSE_BLOCK)[None]
+    compare(
+        lambda q, k, v: block_sparse_flash_attn_func(q, k, v, block_mask, causal=True, return_lse=True),
+        lambda q, k, v: attention_ref(q, k, v, attn_mask=dense, causal=True, return_lse=True),
+        [q, k, v], DT, rand(b, n, h, d), rand(b, h, n),
+    )  # fmt: skip
 
 
 def test_works_under_torch_compile():
@@ -419,6 +537,26 @@ def test_gpu_varlen_sparse_dropout(dtype):
 
 
 @needs_cuda
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_one_launch_backward_bf16(causal):
+    """The benchmark's short setting (bf16, head dim 64, N = 128) through the one-launch backward, with GQA."""
+    torch.manual_seed(19)
+    dtype = torch.bfloat16
+    for b, sq, sk, h, hk in [(4, 128, 128, 8, 2), (2, 200, 77, 8, 4)]:
+        assert short_bwd_tiles(64, sk) is not None
+        q, k, v = (
+            rand(b, sq, h, 64, dtype=dtype),
+            rand(b, sk, hk, 64, dtype=dtype),
+            rand(b, sk, hk, 64, dtype=dtype),
+        )
+        compare(
+            lambda q, k, v: flash_attn_func(q, k, v, causal=causal, return_lse=True),
+            lambda q, k, v: attention_ref(q, k, v, causal=causal, return_lse=True),
+            [q, k, v], dtype, rand(b, sq, h, 64, dtype=dtype), rand(b, h, sq),
+        )  # fmt: skip
+
+
+@needs_cuda
 def test_gpu_bitwise_deterministic_backward():
     torch.manual_seed(0)
     q, k, v = (rand(2, 4096, 8, 64, dtype=torch.bfloat16) for _ in range(3))
@@ -471,8 +609,9 @@ def test_block_sparse_unmasked_tiles_with_butterfly():
     )
 
 
-def test_dropout_with_gqa_and_varlen_matches_reference_with_recovered_mask():
+def test_dropout_with_gqa_and_varlen_matches_reference_with_recovered_mask(bwd_path):
     """The dK/dV kernel walks a GQA group; its Philox head index must match the forward's (b * nheads + h)."""
+    assert_bwd_path(bwd_path, 32, 50)
     torch.manual_seed(14)
     lens_q, lens_k = [40, 7], [33, 50]
     cu_q = torch.tensor([0, 40, 47], dtype=torch.int32, device=DEVICE)

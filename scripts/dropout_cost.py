@@ -1,0 +1,144 @@
+"""Where does in-kernel dropout time go? Times our kernels with variants of `dropout_keep` swapped in.
+
+Paper setting (batch 16, 8 heads, head dim 64, bf16, non-causal) at one sequence length; each variant runs
+in a fresh process (Triton resolves `dropout_keep` when it first compiles a kernel), with autotuning off
+so every variant uses the same tiles. Variants:
+
+    nodrop     dropout_p = 0 (the baseline)
+    philox7    the kernels' dropout_keep: Philox4x32-7, 8 columns per call, joined and reshaped to the tile
+    philox0    the same layout work with 0 Philox rounds: the cost of join/reshape (layout conversion)
+    allkeep    a mask computed directly in the score tile's layout, all kept: the cost of applying a mask
+    hash_full  a cheap per-element hash in the tile's layout: mask application + a few integer ops
+    mma7/mma0  Philox4x32-7 / 0 rounds, but one call covers columns 32g + 8j + 2t + e (j < 4, e < 2), the
+               columns one thread owns in the Hopper MMA accumulator, so no cross-thread reshuffle is needed
+
+Not a correctness test: the variants other than philox7 do not draw a valid dropout mask.
+
+    python scripts/dropout_cost.py [--seqlen 4096] [--variants nodrop,philox7,...]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+VARIANTS = ["nodrop", "philox7", "philox0", "allkeep", "hash_full", "mma7", "mma0"]
+
+
+def variant_functions() -> dict:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def philox_joined(seed, bh, rows, start_n, drop_threshold, BLOCK_N: tl.constexpr, ROUNDS: tl.constexpr):
+        groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)
+        c0 = groups[None, :] + rows[:, None] * 0
+        c1 = rows[:, None] + groups[None, :] * 0
+        c2 = c0 * 0 + bh
+        r0, r1, r2, r3 = tl.philox(
+            seed, c0.to(tl.uint32), c1.to(tl.uint32), c2.to(tl.uint32), c2.to(tl.uint32) * 0, ROUNDS
+        )
+        lo = tl.join(tl.join(r0 & 0xFFFF, r0 >> 16), tl.join(r1 & 0xFFFF, r1 >> 16))
+        hi = tl.join(tl.join(r2 & 0xFFFF, r2 >> 16), tl.join(r3 & 0xFFFF, r3 >> 16))
+        return tl.reshape(tl.join(lo, hi), (rows.shape[0], BLOCK_N)) >= drop_threshold
+
+    @triton.jit
+    def philox0(seed, bh, rows, start_n, drop_threshold, BLOCK_N: tl.constexpr):
+        return philox_joined(seed, bh, rows, start_n, drop_threshold, BLOCK_N, 0)
+
+    @triton.jit
+    def allkeep(seed, bh, rows, start_n, drop_threshold, BLOCK_N: tl.constexpr):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        return (rows[:, None] + cols[None, :]) >= -drop_threshold
+
+    @triton.jit
+    def hash_full(seed, bh, rows, start_n, drop_threshold, BLOCK_N: tl.constexpr):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        x = (
+            rows[:, None].to(tl.uint32) * 0x9E3779B1
+            + cols[None, :].to(tl.uint32) * 0x85EBCA77
+            + bh.to(tl.uint32)
+        )
+        x = (x ^ (x >> 15)) * 0x2C1B3C6D
+        return (x >> 16) >= drop_threshold
+
+    @triton.jit
+    def philox_mma(seed, bh, rows, start_n, drop_threshold, BLOCK_N: tl.constexpr, ROUNDS: tl.constexpr):
+        G: tl.constexpr = BLOCK_N // 32
+        grp = (start_n // 32 + tl.arange(0, G))[:, None] * 4 + tl.arange(0, 4)[None, :]  # (g, t)
+        c0 = grp[None, :, :] + rows[:, None, None] * 0
+        c1 = rows[:, None, None] + grp[None, :, :] * 0
+        c2 = c0 * 0 + bh
+        r0, r1, r2, r3 = tl.philox(
+            seed, c0.to(tl.uint32), c1.to(tl.uint32), c2.to(tl.uint32), c2.to(tl.uint32) * 0, ROUNDS
+        )
+        h0 = tl.join(r0 & 0xFFFF, r0 >> 16)
+        h1 = tl.join(r1 & 0xFFFF, r1 >> 16)
+        h2 = tl.join(r2 & 0xFFFF, r2 >> 16)
+        h3 = tl.join(r3 & 0xFFFF, r3 >> 16)
+        x = tl.join(tl.join(h0, h1), tl.join(h2, h3))  # (m, g, t, e, b, a) with j = 2a + b
+        x = tl.permute(x, (0, 1, 5, 4, 2, 3))  # (m, g, a, b, t, e): column 32g + 8j + 2t + e
+        return tl.reshape(x, (rows.shape[0], BLOCK_N)) >= drop_threshold
+
+    @triton.jit
+    def mma7(seed, bh, rows, start_n, drop_threshold, BLOCK_N: tl.constexpr):
+        return philox_mma(seed, bh, rows, start_n, drop_threshold, BLOCK_N, 7)
+
+    @triton.jit
+    def mma0(seed, bh, rows, start_n, drop_threshold, BLOCK_N: tl.constexpr):
+        return philox_mma(seed, bh, rows, start_n, drop_threshold, BLOCK_N, 0)
+
+    return dict(philox0=philox0, allkeep=allkeep, hash_full=hash_full, mma7=mma7, mma0=mma0)
+
+
+def measure(variant: str, n: int) -> dict:
+    import torch
+    import triton
+
+    import kernels.flash_bwd
+    import kernels.flash_fwd
+    from kernels import flash_attn_func
+
+    fn = variant_functions().get(variant)
+    if fn is not None:
+        kernels.flash_fwd.dropout_keep = fn
+        kernels.flash_bwd.dropout_keep = fn
+    p = 0.0 if variant == "nodrop" else 0.1
+    torch.manual_seed(0)
+    q, k, v = (
+        torch.randn(16, n, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+    )
+    do = torch.randn_like(q)
+
+    def fwd_bwd():
+        flash_attn_func(q, k, v, dropout_p=p).backward(do)
+
+    fwd = triton.testing.do_bench(lambda: flash_attn_func(q, k, v, dropout_p=p), warmup=50, rep=300)
+    total = triton.testing.do_bench(fwd_bwd, warmup=50, rep=300, grad_to_none=[q, k, v])
+    return dict(variant=variant, seqlen=n, fwd_ms=fwd, fwd_bwd_ms=total)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seqlen", type=int, default=4096)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child, args.seqlen)), flush=True)
+        return
+    env = dict(os.environ, FLASHREPRO_AUTOTUNE="0")
+    for variant in args.variants.split(","):
+        t0 = time.time()
+        cmd = [sys.executable, __file__, "--child", variant, "--seqlen", str(args.seqlen)]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        print(r.stdout.strip() or r.stderr[-2000:], f"({time.time() - t0:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
