@@ -22,7 +22,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.flash_fwd import autotuning, bench_config, dropout_keep, interpreting, sparse_position
+from kernels.flash_fwd import (
+    autotuning,
+    bench_config,
+    dropout_keep,
+    interpreting,
+    sequence_start,
+    sparse_position,
+)
 
 
 @triton.jit
@@ -215,26 +222,15 @@ def _bwd_dkdv_kernel(
     bhk = tl.program_id(1)
     b = bhk // nheads_k
     hk = bhk % nheads_k
-    if IS_VARLEN:
-        q_start = tl.load(CuQ + b)
-        seqlen_q = tl.load(CuQ + b + 1) - q_start
-        k_start = tl.load(CuK + b)
-        seqlen_k = tl.load(CuK + b + 1) - k_start
-        q_off = q_start.to(tl.int64) * stride_qt
-        do_off = q_start.to(tl.int64) * stride_dot
-        l_off = q_start.to(tl.int64) * stride_lt
-        k_off = k_start.to(tl.int64) * stride_kt
-        v_off = k_start.to(tl.int64) * stride_vt
-        dk_off = k_start.to(tl.int64) * stride_dkt
-        dv_off = k_start.to(tl.int64) * stride_dvt
-    else:
-        q_off = b.to(tl.int64) * stride_qb
-        do_off = b.to(tl.int64) * stride_dob
-        l_off = b.to(tl.int64) * stride_lb
-        k_off = b.to(tl.int64) * stride_kb
-        v_off = b.to(tl.int64) * stride_vb
-        dk_off = b.to(tl.int64) * stride_dkb
-        dv_off = b.to(tl.int64) * stride_dvb
+    q_row, k_row, seqlen_q, seqlen_k = sequence_start(CuQ, CuK, b, seqlen_q, seqlen_k, IS_VARLEN)
+    b64 = b.to(tl.int64)
+    q_off = b64 * stride_qb + q_row * stride_qt
+    do_off = b64 * stride_dob + q_row * stride_dot
+    l_off = b64 * stride_lb + q_row * stride_lt
+    k_off = b64 * stride_kb + k_row * stride_kt
+    v_off = b64 * stride_vb + k_row * stride_vt
+    dk_off = b64 * stride_dkb + k_row * stride_dkt
+    dv_off = b64 * stride_dvb + k_row * stride_dvt
     if start_n >= seqlen_k:
         return
     causal_shift = seqlen_k - seqlen_q
@@ -346,24 +342,14 @@ def _bwd_dq_kernel(
     b = bh // nheads
     h = bh % nheads
     hk = h // gqa_group
-    if IS_VARLEN:
-        q_start = tl.load(CuQ + b)
-        seqlen_q = tl.load(CuQ + b + 1) - q_start
-        k_start = tl.load(CuK + b)
-        seqlen_k = tl.load(CuK + b + 1) - k_start
-        q_off = q_start.to(tl.int64) * stride_qt
-        do_off = q_start.to(tl.int64) * stride_dot
-        dq_off = q_start.to(tl.int64) * stride_dqt
-        l_off = q_start.to(tl.int64) * stride_lt
-        k_off = k_start.to(tl.int64) * stride_kt
-        v_off = k_start.to(tl.int64) * stride_vt
-    else:
-        q_off = b.to(tl.int64) * stride_qb
-        do_off = b.to(tl.int64) * stride_dob
-        dq_off = b.to(tl.int64) * stride_dqb
-        l_off = b.to(tl.int64) * stride_lb
-        k_off = b.to(tl.int64) * stride_kb
-        v_off = b.to(tl.int64) * stride_vb
+    q_row, k_row, seqlen_q, seqlen_k = sequence_start(CuQ, CuK, b, seqlen_q, seqlen_k, IS_VARLEN)
+    b64 = b.to(tl.int64)
+    q_off = b64 * stride_qb + q_row * stride_qt
+    do_off = b64 * stride_dob + q_row * stride_dot
+    dq_off = b64 * stride_dqb + q_row * stride_dqt
+    l_off = b64 * stride_lb + q_row * stride_lt
+    k_off = b64 * stride_kb + k_row * stride_kt
+    v_off = b64 * stride_vb + k_row * stride_vt
     if start_m >= seqlen_q:
         return
     causal_shift = seqlen_k - seqlen_q
@@ -476,30 +462,17 @@ def _bwd_short_kernel(
     bhk = tl.program_id(0)
     b = bhk // nheads_k
     hk = bhk % nheads_k
-    if IS_VARLEN:
-        q_start = tl.load(CuQ + b)
-        seqlen_q = tl.load(CuQ + b + 1) - q_start
-        k_start = tl.load(CuK + b)
-        seqlen_k = tl.load(CuK + b + 1) - k_start
-        q_off = q_start.to(tl.int64) * stride_qt
-        o_off = q_start.to(tl.int64) * stride_ot
-        do_off = q_start.to(tl.int64) * stride_dot
-        dq_off = q_start.to(tl.int64) * stride_dqt
-        l_off = q_start.to(tl.int64) * stride_lt
-        k_off = k_start.to(tl.int64) * stride_kt
-        v_off = k_start.to(tl.int64) * stride_vt
-        dk_off = k_start.to(tl.int64) * stride_dkt
-        dv_off = k_start.to(tl.int64) * stride_dvt
-    else:
-        q_off = b.to(tl.int64) * stride_qb
-        o_off = b.to(tl.int64) * stride_ob
-        do_off = b.to(tl.int64) * stride_dob
-        dq_off = b.to(tl.int64) * stride_dqb
-        l_off = b.to(tl.int64) * stride_lb
-        k_off = b.to(tl.int64) * stride_kb
-        v_off = b.to(tl.int64) * stride_vb
-        dk_off = b.to(tl.int64) * stride_dkb
-        dv_off = b.to(tl.int64) * stride_dvb
+    q_row, k_row, seqlen_q, seqlen_k = sequence_start(CuQ, CuK, b, seqlen_q, seqlen_k, IS_VARLEN)
+    b64 = b.to(tl.int64)
+    q_off = b64 * stride_qb + q_row * stride_qt
+    o_off = b64 * stride_ob + q_row * stride_ot
+    do_off = b64 * stride_dob + q_row * stride_dot
+    dq_off = b64 * stride_dqb + q_row * stride_dqt
+    l_off = b64 * stride_lb + q_row * stride_lt
+    k_off = b64 * stride_kb + k_row * stride_kt
+    v_off = b64 * stride_vb + k_row * stride_vt
+    dk_off = b64 * stride_dkb + k_row * stride_dkt
+    dv_off = b64 * stride_dvb + k_row * stride_dvt
     causal_shift = seqlen_k - seqlen_q
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)

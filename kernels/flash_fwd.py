@@ -69,6 +69,27 @@ def dropout_keep(seed, bh, rows, start_n, drop_threshold, BLOCK_N: tl.constexpr)
 
 
 @triton.jit
+def sequence_start(CuQ, CuK, b, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
+    """(first query row, first key row, seqlen_q, seqlen_k) of batch entry b.
+
+    Varlen: rows of the packed tensors, read from cu_seqlens (the launchers pass batch strides of 0).
+    Dense: rows start at 0 and the lengths are the arguments. Either way a tensor X's entry b starts at
+    b * stride_xb + first_row * stride_xt.
+    """
+    if IS_VARLEN:
+        q_start = tl.load(CuQ + b)
+        k_start = tl.load(CuK + b)
+        seqlen_q = tl.load(CuQ + b + 1) - q_start
+        seqlen_k = tl.load(CuK + b + 1) - k_start
+        q_row = q_start.to(tl.int64)
+        k_row = k_start.to(tl.int64)
+    else:
+        q_row = 0
+        k_row = 0
+    return q_row, k_row, seqlen_q, seqlen_k
+
+
+@triton.jit
 def sparse_position(sparse_idx, it):
     """Position `it` of the concatenated nonzero blocks listed at `sparse_idx` -> its real position."""
     block = it // SPARSE_BLOCK_C
@@ -192,22 +213,13 @@ def _fwd_kernel(
     b = bh // nheads
     h = bh % nheads
     hk = h // gqa_group
-    if IS_VARLEN:
-        q_start = tl.load(CuQ + b)
-        seqlen_q = tl.load(CuQ + b + 1) - q_start
-        k_start = tl.load(CuK + b)
-        seqlen_k = tl.load(CuK + b + 1) - k_start
-        q_off = q_start.to(tl.int64) * stride_qt
-        k_off = k_start.to(tl.int64) * stride_kt
-        v_off = k_start.to(tl.int64) * stride_vt
-        o_off = q_start.to(tl.int64) * stride_ot
-        l_off = q_start.to(tl.int64) * stride_lt
-    else:
-        q_off = b.to(tl.int64) * stride_qb
-        k_off = b.to(tl.int64) * stride_kb
-        v_off = b.to(tl.int64) * stride_vb
-        o_off = b.to(tl.int64) * stride_ob
-        l_off = b.to(tl.int64) * stride_lb
+    q_row, k_row, seqlen_q, seqlen_k = sequence_start(CuQ, CuK, b, seqlen_q, seqlen_k, IS_VARLEN)
+    b64 = b.to(tl.int64)
+    q_off = b64 * stride_qb + q_row * stride_qt
+    k_off = b64 * stride_kb + k_row * stride_kt
+    v_off = b64 * stride_vb + k_row * stride_vt
+    o_off = b64 * stride_ob + q_row * stride_ot
+    l_off = b64 * stride_lb + q_row * stride_lt
     if start_m >= seqlen_q:
         return
     causal_shift = seqlen_k - seqlen_q
