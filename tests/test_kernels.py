@@ -10,9 +10,14 @@ taking the `bwd_path` fixture run on both: "three_kernels" sets `SHORT_SEQLEN_K`
 """
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import triton
 
 import kernels.flash_bwd as bwd_module
 from kernels import (
@@ -644,3 +649,19 @@ def test_dropout_with_gqa_and_varlen_matches_reference_with_recovered_mask(bwd_p
     torch.testing.assert_close(out[0].double(), ref_out[0], atol=atol, rtol=1e-3)
     for a, b in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(a.double(), b, atol=atol, rtol=1e-3)
+
+
+PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+
+
+@pytest.mark.skipif(not PTXAS.exists(), reason="Triton's bundled ptxas is missing (no NVIDIA backend)")
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """Every kernel lowers to an sm_90 cubin (the interpreter never compiles, so CPU CI would miss this)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).resolve().parents[1] / "scripts" / "compile_kernels.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick"], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("sm_90")]
+    assert len(lines) == 8, proc.stdout

@@ -1,0 +1,84 @@
+"""Compile every attention kernel for an NVIDIA architecture without a GPU (Triton's bundled ptxas).
+
+Catches errors that only GPU compilation shows (the CPU interpreter runs the same Python but never
+lowers it) before a job reaches a cluster. Each kernel is built for the flag combinations below at head
+dim 64 with the first autotuning config's tiles, and its cubin size is printed.
+
+    python scripts/compile_kernels.py              # sm_90 (H100 / H200), all 8 flag combinations
+    python scripts/compile_kernels.py --arch 80    # A100
+    python scripts/compile_kernels.py --quick      # 2 combinations (what the tests run)
+
+Run it without TRITON_INTERPRET=1 (the interpreter replaces the kernels it would compile).
+"""
+
+import argparse
+import itertools
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from kernels import flash_bwd, flash_fwd  # noqa: E402
+
+POINTER_TYPES = {
+    **dict.fromkeys(["Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"], "*bf16"),
+    **dict.fromkeys(["Lse", "Delta", "DLse"], "*fp32"),
+    **dict.fromkeys(["CuQ", "CuK", "SparseIdx", "SparseCnt"], "*i32"),
+}
+SCALAR_TYPES = {"qk_scale": "fp32", "sm_scale": "fp32", "drop_scale": "fp32", "seed": "i64"}
+
+
+def signature(fn, constexprs: dict) -> dict:
+    """Triton signature of `fn`: bf16 q/k/v-like pointers, fp32 lse-like, int32 offsets, scalars."""
+    return {
+        name: "constexpr" if name in constexprs else POINTER_TYPES.get(name, SCALAR_TYPES.get(name, "i32"))
+        for name in fn.arg_names
+    }
+
+
+def compile_kernel(fn, constexprs: dict, arch: int, num_warps: int, num_stages: int) -> int:
+    """Compile `fn` (a @triton.jit function) for sm_<arch>; returns the cubin's size in bytes."""
+    src = ASTSource(fn=fn, signature=signature(fn, constexprs), constexprs=constexprs)
+    target = GPUTarget("cuda", arch, 32)
+    compiled = triton.compile(src, target=target, options=dict(num_warps=num_warps, num_stages=num_stages))
+    return len(compiled.asm["cubin"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90 = Hopper)")
+    ap.add_argument("--quick", action="store_true", help="two flag combinations instead of eight")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("unset TRITON_INTERPRET: the interpreter replaces the kernels this script compiles")
+
+    shape = dict(HEAD_DIM=64, BLOCK_D=64, SPARSE_BLOCK_SIZE=128, SPARSE_MASKED=False, IS_SPARSE=False)
+    kernels = {  # name -> (jit function, its tile constexprs, num_warps, num_stages)
+        "forward": (flash_fwd._fwd_kernel.fn, dict(BLOCK_M=128, BLOCK_N=128, **shape), 8, 2),
+        "backward dK/dV": (flash_bwd._bwd_dkdv_kernel.fn, dict(BLOCK_M=32, BLOCK_N=128, **shape), 8, 2),
+        "backward dQ": (flash_bwd._bwd_dq_kernel.fn, dict(BLOCK_M=128, BLOCK_N=32, **shape), 8, 2),
+        "backward, one launch": (
+            flash_bwd._bwd_short_kernel,
+            dict(BLOCK_M=32, BLOCK_N=128, HEAD_DIM=64, BLOCK_D=64, HAS_DLSE=True),
+            8,
+            1,
+        ),
+    }
+    combos = list(itertools.product([False, True], repeat=3))
+    if args.quick:
+        combos = [(False, False, False), (True, True, True)]
+    for causal, dropout, varlen in combos:
+        flags = dict(IS_CAUSAL=causal, HAS_DROPOUT=dropout, IS_VARLEN=varlen)
+        for name, (fn, tiles, warps, stages) in kernels.items():
+            size = compile_kernel(fn, {**flags, **tiles}, args.arch, warps, stages)
+            print(f"sm_{args.arch} {name:22s} causal={causal!s:5} dropout={dropout!s:5} varlen={varlen!s:5} "
+                  f"cubin {size:,} bytes", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
