@@ -14,7 +14,11 @@ so every variant uses the same tiles. Variants:
 
 Not a correctness test: the variants other than philox7 do not draw a valid dropout mask.
 
-    python scripts/dropout_cost.py [--seqlen 4096] [--variants nodrop,philox7,...]
+    python scripts/dropout_cost.py [--seqlen 4096] [--variants nodrop,philox7,...]   # GPU timings
+    python scripts/dropout_cost.py --inspect     # no GPU: layout conversions and spills of each variant
+
+`--inspect` compiles each kernel with dropout for sm_90 (as scripts/compile_kernels.py does) and counts the
+layout conversions (`ttg.convert_layout`) in its Triton GPU IR, then runs ptxas -v for registers and spills.
 """
 
 import argparse
@@ -25,15 +29,15 @@ import sys
 import time
 from pathlib import Path
 
+import triton
+import triton.language as tl
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 VARIANTS = ["nodrop", "philox7", "philox0", "allkeep", "hash_full", "mma7", "mma0"]
 
 
 def variant_functions() -> dict:
-    import triton
-    import triton.language as tl
-
     @triton.jit
     def philox_joined(seed, bh, rows, start_n, drop_threshold, BLOCK_N: tl.constexpr, ROUNDS: tl.constexpr):
         groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)
@@ -98,7 +102,6 @@ def variant_functions() -> dict:
 
 def measure(variant: str, n: int) -> dict:
     import torch
-    import triton
 
     import kernels.flash_bwd
     import kernels.flash_fwd
@@ -123,12 +126,67 @@ def measure(variant: str, n: int) -> dict:
     return dict(variant=variant, seqlen=n, fwd_ms=fwd, fwd_bwd_ms=total)
 
 
+def inspect(variants: list[str]) -> None:
+    """Per variant and kernel: layout conversions in the TTGIR, registers and spill bytes from ptxas."""
+    import re
+    import tempfile
+
+    from compile_kernels import signature
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import kernels.flash_bwd
+    import kernels.flash_fwd
+
+    original = kernels.flash_fwd.dropout_keep
+    flags = dict(HEAD_DIM=64, BLOCK_D=64, SPARSE_BLOCK_SIZE=128, SPARSE_MASKED=False, IS_SPARSE=False)
+    flags |= dict(IS_CAUSAL=False, HAS_DROPOUT=True, IS_VARLEN=False)
+    tiles = {  # the first autotuning config of each kernel, as FLASHREPRO_AUTOTUNE=0 runs use
+        "forward": (kernels.flash_fwd._fwd_kernel.fn, dict(BLOCK_M=128, BLOCK_N=128)),
+        "dK/dV": (kernels.flash_bwd._bwd_dkdv_kernel.fn, dict(BLOCK_M=32, BLOCK_N=128)),
+        "dQ": (kernels.flash_bwd._bwd_dq_kernel.fn, dict(BLOCK_M=128, BLOCK_N=32)),
+    }
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas-blackwell"
+    for variant in variants:
+        fn_keep = variant_functions().get(variant, original)
+        kernels.flash_fwd.dropout_keep = kernels.flash_bwd.dropout_keep = fn_keep
+        for name, (fn, t) in tiles.items():
+            constexprs = {**flags, **t}
+            src = ASTSource(fn=fn, signature=signature(fn, constexprs), constexprs=constexprs)
+            k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=2))
+            converts = k.asm["ttgir"].count("ttg.convert_layout")
+            usage = "ptxas-blackwell not found"
+            if ptxas.exists():
+                with tempfile.TemporaryDirectory() as d:
+                    Path(d, "k.ptx").write_text(k.asm["ptx"])
+                    cmd = [str(ptxas), "-arch=sm_90a", "-v", "k.ptx", "-o", "k.cubin"]
+                    log = subprocess.run(cmd, cwd=d, capture_output=True, text=True)
+                usage = ", ".join(
+                    re.findall(r"Used \d+ registers|\d+ bytes spill stores", log.stdout + log.stderr)
+                )
+            print(f"{variant:10s} {name:8s} convert_layout x{converts:<3d} {usage}", flush=True)
+        kernels.flash_fwd.dropout_keep = kernels.flash_bwd.dropout_keep = original
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seqlen", type=int, default=4096)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--inspect", action="store_true", help="compile for sm_90 and count, no GPU needed")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--inspect-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.inspect_child:
+        inspect([args.inspect_child])
+        return
+    if args.inspect:  # one process per variant: Triton resolves dropout_keep once per process
+        for variant in args.variants.split(","):
+            if variant != "nodrop":
+                r = subprocess.run(
+                    [sys.executable, __file__, "--inspect-child", variant], capture_output=True, text=True
+                )
+                print(r.stdout.strip() or r.stderr[-2000:], flush=True)
+        return
     if args.child:
         print(json.dumps(measure(args.child, args.seqlen)), flush=True)
         return
