@@ -164,6 +164,15 @@ def _bwd_dq_inner(
     return dq
 
 
+@triton.jit
+def _store_dkdv(dk_base, dv_base, dk, dv, stride_dkt, stride_dvt, offs_n, offs_d, kv_mask):
+    """Store one key block's dK and dV (BLOCK_N, BLOCK_D) at rows offs_n of one kv head, in their dtype."""
+    dk_ptrs = dk_base + offs_n[:, None] * stride_dkt + offs_d[None, :]
+    tl.store(dk_ptrs, dk.to(dk_base.dtype.element_ty), mask=kv_mask)
+    dv_ptrs = dv_base + offs_n[:, None] * stride_dvt + offs_d[None, :]
+    tl.store(dv_ptrs, dv.to(dv_base.dtype.element_ty), mask=kv_mask)
+
+
 def _bwd_configs() -> list:
     if interpreting() or not torch.cuda.is_available():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
@@ -287,17 +296,10 @@ def _bwd_dkdv_kernel(
                 start_n, offs_n, offs_d, tl.maximum(mid, full_end), seqlen_q, seqlen_q, causal_shift, qk_scale, seed,
                 bh, drop_threshold, drop_scale, Q, True, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False,
             )  # fmt: skip
-    dk = dk * sm_scale
-    tl.store(
-        DK + dk_off + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
-        dk.to(DK.dtype.element_ty),
-        mask=kv_mask,
-    )
-    tl.store(
-        DV + dv_off + hk * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
-        dv.to(DV.dtype.element_ty),
-        mask=kv_mask,
-    )
+    _store_dkdv(
+        DK + dk_off + hk * stride_dkh, DV + dv_off + hk * stride_dvh, dk * sm_scale, dv,
+        stride_dkt, stride_dvt, offs_n, offs_d, kv_mask,
+    )  # fmt: skip
 
 
 def _dq_configs() -> list:
@@ -539,14 +541,7 @@ def _bwd_short_kernel(
                 dq.to(DQ.dtype.element_ty),
                 mask=md_mask,
             )
-    dk = dk * sm_scale
-    tl.store(
-        DK + dk_off + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
-        dk.to(DK.dtype.element_ty),
-        mask=kv_mask,
-    )
-    tl.store(
-        DV + dv_off + hk * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
-        dv.to(DV.dtype.element_ty),
-        mask=kv_mask,
-    )
+    _store_dkdv(
+        DK + dk_off + hk * stride_dkh, DV + dv_off + hk * stride_dvh, dk * sm_scale, dv,
+        stride_dkt, stride_dvt, offs_n, offs_d, kv_mask,
+    )  # fmt: skip
