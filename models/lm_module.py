@@ -42,6 +42,13 @@ def param_groups(net: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def next_token_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of `net(x)` (logits (B, T, V)) against `y`, both (B, T) int64, in at least fp32."""
+    logits = net(x)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+
 def linear_warmup_decay(
     optimizer: Optimizer, total_steps: int, warmup_fraction: float = 0.01, final_lr_fraction: float = 0.0
 ) -> LambdaLR:
@@ -89,7 +96,7 @@ class LMModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.net = net
-        self._next_token_loss = torch.compile(self.next_token_loss) if compile else self.next_token_loss
+        self._next_token_loss = torch.compile(next_token_loss) if compile else next_token_loss
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.val_loss = MeanMetric()
@@ -110,13 +117,7 @@ class LMModule(L.LightningModule):
                 f"expected a batch (x, y) of equal (B, T) shapes, got {tuple(x.shape)}, {tuple(y.shape)}"
             )
         self._tokens_per_batch = tuple(x.shape)
-        return self._next_token_loss(x, y)
-
-    def next_token_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of `net(x)` against `y`, both (B, T) int64, computed in at least fp32."""
-        logits = self.net(x)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (B, T, V); bf16 -> fp32
-        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        return self._next_token_loss(self.net, x, y)
 
     @property
     def flops_per_batch(self) -> float:

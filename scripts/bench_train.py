@@ -2,9 +2,10 @@
 
 One training step = forward + cross-entropy + backward + AdamW step, bf16 autocast on CUDA (float32
 master weights), random tokens, dropout 0.1, the same micro-batch / sequence length / precision for every
-implementation in a group. Rows named `...+compile` run the forward and the loss through `torch.compile`
-(what `python train.py compile=true` does); the HF baselines run as HuggingFace ships them, in eager mode. Each config runs `--warmup` untimed steps, then `--steps` steps timed one by
-one with CUDA events; the median step time gives tokens/s, and
+implementation in a group; the loss is train.py's (`models.lm_module.next_token_loss`). Rows named
+`...+compile` run the forward and the loss through `torch.compile` (what `python train.py compile=true`
+does); the HF baselines run as HuggingFace ships them, in eager mode. Each config runs `--warmup` untimed
+steps, then `--steps` steps timed one by one with CUDA events; the median step time gives tokens/s, and
 
     MFU = flops_per_token(seq_len) * tokens/s / peak dense bf16 FLOP/s of the GPU
 
@@ -38,13 +39,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 from models.gpt2 import GPT2  # noqa: E402
 from models.gpt2 import SIZES as GPT2_SIZES  # noqa: E402
 from models.hf_gpt2 import HFGPT2  # noqa: E402
+from models.lm_module import next_token_loss  # noqa: E402
 
 SIZES = {"tiny": dict(n_layer=2, n_head=4, n_embd=256), **GPT2_SIZES}  # tiny: CPU smoke runs
 # Dense bf16 tensor-core peak, TFLOP/s, matched in order against torch.cuda.get_device_name().
@@ -144,15 +145,11 @@ def run_config(cfg: Config, args: argparse.Namespace, device: torch.device, peak
     x = torch.randint(0, model.vocab_size, (cfg.batch_size, cfg.seq_len + 1), device=device)
     x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()
 
-    def forward_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(x)
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-
-    loss_fn = torch.compile(forward_loss) if cfg.compile else forward_loss
+    loss_fn = torch.compile(next_token_loss) if cfg.compile else next_token_loss
 
     def train_step() -> torch.Tensor:
-        loss = loss_fn(x, y)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = loss_fn(model, x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
