@@ -41,24 +41,19 @@ def signature(fn, constexprs: dict) -> dict:
     }
 
 
-def compile_kernel(fn, constexprs: dict, arch: int, num_warps: int, num_stages: int) -> int:
-    """Compile `fn` (a @triton.jit function) for sm_<arch>; returns the cubin's size in bytes."""
+def compile_kernel(fn, constexprs: dict, arch: int, num_warps: int, num_stages: int):
+    """Compile `fn` (a @triton.jit function) for sm_<arch>; returns Triton's compiled kernel (`.asm` has
+    the "ttgir", "ptx" and "cubin" stages)."""
     src = ASTSource(fn=fn, signature=signature(fn, constexprs), constexprs=constexprs)
     target = GPUTarget("cuda", arch, 32)
-    compiled = triton.compile(src, target=target, options=dict(num_warps=num_warps, num_stages=num_stages))
-    return len(compiled.asm["cubin"])
+    return triton.compile(src, target=target, options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90 = Hopper)")
-    ap.add_argument("--quick", action="store_true", help="two flag combinations instead of eight")
-    args = ap.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        sys.exit("unset TRITON_INTERPRET: the interpreter replaces the kernels this script compiles")
-
+def first_configs() -> dict:
+    """name -> (jit function, tile constexprs, num_warps, num_stages): each kernel's first autotuning
+    config at head dim 64 (what FLASHREPRO_AUTOTUNE=0 runs use), without the flag constexprs."""
     shape = dict(HEAD_DIM=64, BLOCK_D=64, SPARSE_BLOCK_SIZE=128, SPARSE_MASKED=False, IS_SPARSE=False)
-    kernels = {  # name -> (jit function, its tile constexprs, num_warps, num_stages)
+    return {
         "forward": (flash_fwd._fwd_kernel.fn, dict(BLOCK_M=128, BLOCK_N=128, **shape), 8, 2),
         "backward dK/dV": (flash_bwd._bwd_dkdv_kernel.fn, dict(BLOCK_M=32, BLOCK_N=128, **shape), 8, 2),
         "backward dQ": (flash_bwd._bwd_dq_kernel.fn, dict(BLOCK_M=128, BLOCK_N=32, **shape), 8, 2),
@@ -69,13 +64,24 @@ def main(argv: list[str] | None = None) -> None:
             1,
         ),
     }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90 = Hopper)")
+    ap.add_argument("--quick", action="store_true", help="two flag combinations instead of eight")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("unset TRITON_INTERPRET: the interpreter replaces the kernels this script compiles")
+
+    kernels = first_configs()
     combos = list(itertools.product([False, True], repeat=3))
     if args.quick:
         combos = [(False, False, False), (True, True, True)]
     for causal, dropout, varlen in combos:
         flags = dict(IS_CAUSAL=causal, HAS_DROPOUT=dropout, IS_VARLEN=varlen)
         for name, (fn, tiles, warps, stages) in kernels.items():
-            size = compile_kernel(fn, {**flags, **tiles}, args.arch, warps, stages)
+            size = len(compile_kernel(fn, {**flags, **tiles}, args.arch, warps, stages).asm["cubin"])
             print(f"sm_{args.arch} {name:22s} causal={causal!s:5} dropout={dropout!s:5} varlen={varlen!s:5} "
                   f"cubin {size:,} bytes", flush=True)  # fmt: skip
 

@@ -131,29 +131,19 @@ def inspect(variants: list[str]) -> None:
     import re
     import tempfile
 
-    from compile_kernels import signature
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from compile_kernels import compile_kernel, first_configs
 
     import kernels.flash_bwd
     import kernels.flash_fwd
 
     original = kernels.flash_fwd.dropout_keep
-    flags = dict(HEAD_DIM=64, BLOCK_D=64, SPARSE_BLOCK_SIZE=128, SPARSE_MASKED=False, IS_SPARSE=False)
-    flags |= dict(IS_CAUSAL=False, HAS_DROPOUT=True, IS_VARLEN=False)
-    tiles = {  # the first autotuning config of each kernel, as FLASHREPRO_AUTOTUNE=0 runs use
-        "forward": (kernels.flash_fwd._fwd_kernel.fn, dict(BLOCK_M=128, BLOCK_N=128)),
-        "dK/dV": (kernels.flash_bwd._bwd_dkdv_kernel.fn, dict(BLOCK_M=32, BLOCK_N=128)),
-        "dQ": (kernels.flash_bwd._bwd_dq_kernel.fn, dict(BLOCK_M=128, BLOCK_N=32)),
-    }
+    flags = dict(IS_CAUSAL=False, HAS_DROPOUT=True, IS_VARLEN=False)
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas-blackwell"
     for variant in variants:
         fn_keep = variant_functions().get(variant, original)
         kernels.flash_fwd.dropout_keep = kernels.flash_bwd.dropout_keep = fn_keep
-        for name, (fn, t) in tiles.items():
-            constexprs = {**flags, **t}
-            src = ASTSource(fn=fn, signature=signature(fn, constexprs), constexprs=constexprs)
-            k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=2))
+        for name, (fn, tiles, warps, stages) in first_configs().items():
+            k = compile_kernel(fn, {**flags, **tiles}, 90, warps, stages)
             converts = k.asm["ttgir"].count("ttg.convert_layout")
             usage = "ptxas-blackwell not found"
             if ptxas.exists():
@@ -164,7 +154,7 @@ def inspect(variants: list[str]) -> None:
                 usage = ", ".join(
                     re.findall(r"Used \d+ registers|\d+ bytes spill stores", log.stdout + log.stderr)
                 )
-            print(f"{variant:10s} {name:8s} convert_layout x{converts:<3d} {usage}", flush=True)
+            print(f"{variant:10s} {name:20s} convert_layout x{converts:<3d} {usage}", flush=True)
         kernels.flash_fwd.dropout_keep = kernels.flash_bwd.dropout_keep = original
 
 
