@@ -155,7 +155,7 @@ def _sparse_needs_mask(causal: bool, seqlen_q: int, seqlen_k: int) -> bool:
 
 def _dropout_params(dropout_p: float) -> tuple[int, float]:
     """(threshold on 16-bit uniforms, output scale); keep when uniform16 >= threshold."""
-    return int(round(dropout_p * 65536)), 1.0 / (1.0 - dropout_p)
+    return min(int(round(dropout_p * 65536)), 65535), 1.0 / (1.0 - dropout_p)
 
 
 def flash_fwd(
@@ -290,7 +290,7 @@ def flash_bwd(
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen),
         *_strides3(dk, varlen), *_strides3(dv, varlen), *_lse_strides(lse, varlen), s_heads, s_nk, s_nq,
         max_seqlen_q, max_seqlen_k, nheads_k, nheads // nheads_k, softmax_scale * LOG2E, softmax_scale,
-        seed, threshold, drop_scale, *buckets, **common,
+        seed, threshold, drop_scale, *buckets, TRANSPOSED=dropout_p == 0, **common,
     )  # fmt: skip
     s_idx, s_cnt, s_heads, s_nq, s_nk = _sparse_args(q2k_idx, q2k_cnt, q)
     _bwd_dq_kernel[lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * nheads)](

@@ -26,6 +26,7 @@ from kernels.flash_fwd import (
     autotuning,
     bench_config,
     dropout_keep,
+    dropped,
     interpreting,
     sequence_start,
     sparse_position,
@@ -65,13 +66,18 @@ def _bwd_preprocess(
 @triton.jit
 def _bwd_dkdv_inner(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
-    start_n, offs_n, offs_d, lo, hi, seqlen_q, causal_shift, qk_scale, seed, bh, drop_threshold, drop_scale,
+    start_n, offs_n, offs_d, lo, hi, seqlen_q, causal_shift, qk_scale, seed, bh, drop_threshold, keep_prob,
     sparse_idx, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPARSE: tl.constexpr,
+    SPARSE: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):  # fmt: skip
-    """Add the contributions of query rows lo .. hi to one key block's dK, dV (kept transposed: keys x queries).
+    """Add the contributions of query rows lo .. hi to one key block's dK, dV.
 
+    Dropout is folded in without scaling each element: this adds (P * Z)^T dO to dv and
+    (P * (Z * dP - keep_prob * D))^T Q to dk, and the caller multiplies both by 1 / keep_prob.
+    TRANSPOSED: score tiles are (keys x queries), so dV += P^T dO takes P from registers as is (fastest
+    without dropout). Otherwise they are (queries x keys) like the forward pass, where the dropout mask is
+    made in the threads that use it (`dropout_keep`), and P^T, dS^T go to the MMA through shared memory.
     SPARSE: lo .. hi count positions in the concatenation of the query blocks listed at `sparse_idx`.
     """
     offs_m0 = tl.arange(0, BLOCK_M)
@@ -82,52 +88,78 @@ def _bwd_dkdv_inner(
         else:
             start_m = it
         offs_m = start_m + offs_m0
-        q_ptrs = q_base + offs_m[None, :] * stride_qt + offs_d[:, None]
+        q_ptrs = q_base + offs_m[:, None] * stride_qt + offs_d[None, :]
         do_ptrs = do_base + offs_m[:, None] * stride_dot + offs_d[None, :]
         if MASKED:
             m_ok = offs_m < seqlen_q
-            qT = tl.load(q_ptrs, mask=m_ok[None, :] & d_ok[:, None], other=0.0)
+            q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
             do = tl.load(do_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
             # Rows past the end get lse = +inf, so their probabilities are exactly 0.
             lse = tl.load(lse_base + offs_m * stride_lt, mask=m_ok, other=float("inf"))
             delta = tl.load(delta_base + offs_m * stride_lt, mask=m_ok, other=0.0)
         else:
             if BLOCK_D != HEAD_DIM:
-                qT = tl.load(q_ptrs, mask=d_ok[:, None], other=0.0)
+                q = tl.load(q_ptrs, mask=d_ok[None, :], other=0.0)
                 do = tl.load(do_ptrs, mask=d_ok[None, :], other=0.0)
             else:
-                qT = tl.load(q_ptrs)
+                q = tl.load(q_ptrs)
                 do = tl.load(do_ptrs)
             lse = tl.load(lse_base + offs_m * stride_lt)
             delta = tl.load(delta_base + offs_m * stride_lt)
         # Rows that saw no key have lse = -inf and P = 0: treat them as +inf.
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        qkT = tl.dot(k, qT)
-        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
-        if MASKED:
-            if IS_CAUSAL:
-                pT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_shift, pT, 0.0)
-        dpT = tl.dot(v, tl.trans(do))
         if HAS_DROPOUT:
-            keepT = tl.trans(dropout_keep(seed, bh, offs_m, start_n, drop_threshold, BLOCK_N))
-            pdT = tl.where(keepT, pT * drop_scale, 0.0)
-            dpT = tl.where(keepT, dpT * drop_scale, 0.0)
+            delta = delta * keep_prob
+        if TRANSPOSED:
+            pT = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
+            if MASKED:
+                if IS_CAUSAL:
+                    pT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_shift, pT, 0.0)
+            dpT = tl.dot(v, tl.trans(do))
+            if HAS_DROPOUT:
+                pzT = dropped(
+                    pT,
+                    tl.trans(dropout_keep(seed, bh, offs_m, start_n, drop_threshold, BLOCK_N)),
+                    drop_threshold,
+                )
+                dv = tl.dot(pzT.to(do.dtype), do, dv)
+                dsT = pzT * dpT - pT * delta[None, :]
+            else:
+                dv = tl.dot(pT.to(do.dtype), do, dv)
+                dsT = pT * (dpT - delta[None, :])
+            dk = tl.dot(dsT.to(q.dtype), q, dk)
         else:
-            pdT = pT
-        dv = tl.dot(pdT.to(do.dtype), do, dv)
-        dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk)
+            p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
+            if MASKED:
+                if IS_CAUSAL:
+                    p = tl.where(offs_n[None, :] <= offs_m[:, None] + causal_shift, p, 0.0)
+            dp = tl.dot(do, tl.trans(v))
+            if HAS_DROPOUT:
+                # (P * Z) dP - P D = P * (Z * dP - D), with one select instead of two.
+                pz = dropped(
+                    p, dropout_keep(seed, bh, offs_m, start_n, drop_threshold, BLOCK_N), drop_threshold
+                )
+                dv = tl.dot(tl.trans(pz.to(do.dtype)), do, dv)
+                ds = pz * dp - p * delta[:, None]
+            else:
+                dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv)
+                ds = p * (dp - delta[:, None])
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk)
     return dk, dv
 
 
 @triton.jit
 def _bwd_dq_inner(
     dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt,
-    offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold, drop_scale,
+    offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold,
     sparse_idx, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPARSE: tl.constexpr,
 ):  # fmt: skip
-    """Add the contributions of keys lo .. hi to one query block's dQ (SPARSE: as in `_fwd_inner`)."""
+    """Add the contributions of keys lo .. hi to one query block's dQ (SPARSE: as in `_fwd_inner`).
+
+    With dropout, `delta` arrives multiplied by keep_prob and this adds (P * (Z * dP - delta)) K; the
+    caller multiplies by 1 / keep_prob, so no element is scaled one by one.
+    """
     offs_n0 = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
     for it in tl.range(lo, hi, BLOCK_N):
@@ -157,8 +189,7 @@ def _bwd_dq_inner(
             p = tl.where(allowed, p, 0.0)
         dp = tl.dot(do, vT)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, bh, offs_m, start_n, drop_threshold, BLOCK_N)
-            dp = tl.where(keep, dp * drop_scale, 0.0)
+            dp = dropped(dp, dropout_keep(seed, bh, offs_m, start_n, drop_threshold, BLOCK_N), drop_threshold)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
     return dq
@@ -180,10 +211,10 @@ def _bwd_configs() -> list:
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in [
             (32, 128, 8, 2),
+            (64, 64, 4, 2),
             (64, 128, 8, 2),
             (64, 128, 8, 3),
             (32, 64, 4, 2),
-            (64, 64, 4, 2),
             (64, 64, 8, 3),
             (128, 128, 8, 2),
             (128, 64, 8, 2),
@@ -193,10 +224,16 @@ def _bwd_configs() -> list:
 
 
 def _prune_bwd(configs, named_args, **kwargs):
+    """Drop tiles that cannot fit at large head dims. The dK/dV kernel's (queries x keys) orientation
+    (TRANSPOSED=False) keeps BLOCK_M >= 64, where all four products are Hopper wgmma: at 32 x 128 with
+    8 warps Triton 3.6 computed a wrong dK in that orientation (`test_gpu_dropout_backward_every_tile`)."""
     d = named_args["HEAD_DIM"] if "HEAD_DIM" in named_args else kwargs["HEAD_DIM"]
+    transposed = kwargs.get("TRANSPOSED", named_args.get("TRANSPOSED", True))
     out = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if not transposed and bm < 64 and not interpreting():
+            continue
         if d > 128 and (bm * bn > 32 * 64 or c.num_stages > 2):
             continue
         if d > 64 and bm * bn > 64 * 128:
@@ -211,7 +248,7 @@ _BWD_KEY = ["HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT", "IS_VARLEN", "IS_SPARSE", "Q
 
 @triton.autotune(
     configs=_bwd_configs(),
-    key=_BWD_KEY,
+    key=_BWD_KEY + ["TRANSPOSED"],
     prune_configs_by={"early_config_prune": _prune_bwd},
     do_bench=bench_config,
 )
@@ -225,7 +262,7 @@ def _bwd_dkdv_kernel(
     Q_BUCKET, K_BUCKET,
     IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, IS_SPARSE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPARSE_BLOCK_SIZE: tl.constexpr, SPARSE_MASKED: tl.constexpr,
+    SPARSE_BLOCK_SIZE: tl.constexpr, SPARSE_MASKED: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):  # fmt: skip
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
@@ -254,6 +291,7 @@ def _bwd_dkdv_kernel(
     )
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    keep_prob = 1.0 / drop_scale
 
     # Query rows [lo, mid) cross the causal diagonal; [mid, full_end) need no mask; the rest is ragged.
     if IS_CAUSAL:
@@ -277,34 +315,37 @@ def _bwd_dkdv_kernel(
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
                 start_n, offs_n, offs_d, 0, count * SPARSE_BLOCK_SIZE, seqlen_q, causal_shift, qk_scale, seed, bh,
-                drop_threshold, drop_scale, SparseIdx + col * sparse_nq,
-                SPARSE_MASKED, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, True,
+                drop_threshold, keep_prob, SparseIdx + col * sparse_nq,
+                SPARSE_MASKED, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, True, TRANSPOSED,
             )  # fmt: skip
         else:
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
                 start_n, offs_n, offs_d, lo, tl.minimum(mid, q_ceil), seqlen_q, causal_shift, qk_scale, seed, bh,
-                drop_threshold, drop_scale, Q, True, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False,
+                drop_threshold, keep_prob, Q, True, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False,
+                TRANSPOSED,
             )  # fmt: skip
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
                 start_n, offs_n, offs_d, mid, full_end, seqlen_q, causal_shift, qk_scale, seed, bh,
-                drop_threshold, drop_scale, Q, False, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False,
+                drop_threshold, keep_prob, Q, False, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False,
+                TRANSPOSED,
             )  # fmt: skip
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
                 start_n, offs_n, offs_d, tl.maximum(mid, full_end), seqlen_q, seqlen_q, causal_shift, qk_scale, seed,
-                bh, drop_threshold, drop_scale, Q, True, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False,
+                bh, drop_threshold, keep_prob, Q, True, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False,
+                TRANSPOSED,
             )  # fmt: skip
     _store_dkdv(
-        DK + dk_off + hk * stride_dkh, DV + dv_off + hk * stride_dvh, dk * sm_scale, dv,
-        stride_dkt, stride_dvt, offs_n, offs_d, kv_mask,
+        DK + dk_off + hk * stride_dkh, DV + dv_off + hk * stride_dvh, dk * (sm_scale * drop_scale),
+        dv * drop_scale, stride_dkt, stride_dvt, offs_n, offs_d, kv_mask,
     )  # fmt: skip
 
 
 def _dq_configs() -> list:
     if interpreting() or not torch.cuda.is_available():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in [
@@ -368,6 +409,7 @@ def _bwd_dq_kernel(
     lse = tl.load(Lse + l_off + h * stride_lh + offs_m * stride_lt, mask=m_ok, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     delta = tl.load(Delta + l_off + h * stride_lh + offs_m * stride_lt, mask=m_ok, other=0.0)
+    delta = delta / drop_scale  # times keep_prob: see `_bwd_dq_inner`
     k_base = K + k_off + hk * stride_kh
     v_base = V + v_off + hk * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -376,7 +418,7 @@ def _bwd_dq_kernel(
         count = tl.load(SparseCnt + row)
         dq = _bwd_dq_inner(
             dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, count * SPARSE_BLOCK_SIZE,
-            seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold, drop_scale, SparseIdx + row * sparse_nk,
+            seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold, SparseIdx + row * sparse_nk,
             SPARSE_MASKED, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D, True,
         )  # fmt: skip
     else:
@@ -391,15 +433,15 @@ def _bwd_dq_kernel(
             full_hi = seqlen_k // BLOCK_N * BLOCK_N
         dq = _bwd_dq_inner(
             dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, full_hi,
-            seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold, drop_scale, K,
+            seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold, K,
             False, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D, False,
         )  # fmt: skip
         dq = _bwd_dq_inner(
             dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, full_hi, hi,
-            seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold, drop_scale, K,
+            seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold, K,
             True, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D, False,
         )  # fmt: skip
-    dq = dq * sm_scale
+    dq = dq * (sm_scale * drop_scale)
     tl.store(
         DQ + dq_off + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
         dq.to(DQ.dtype.element_ty),
@@ -421,7 +463,7 @@ SHORT_SEQLEN_K = 128
 def short_bwd_tiles(head_dim: int, max_seqlen_k: int) -> tuple[int, int, int] | None:
     """(BLOCK_M, BLOCK_N, num_warps) of the one-launch backward, or None when the 3-kernel path serves.
 
-    BLOCK_N is the next power of two >= max_seqlen_k (at least 16): one block holds every key.
+    BLOCK_N is the next power of two >= max_seqlen_k (at least 32, as dropout needs): one block holds every key.
     """
     if head_dim <= 64:
         limit = SHORT_SEQLEN_K
@@ -431,7 +473,7 @@ def short_bwd_tiles(head_dim: int, max_seqlen_k: int) -> tuple[int, int, int] | 
         limit = 0
     if max_seqlen_k > limit:
         return None
-    block_n = max(triton.next_power_of_2(max_seqlen_k), 16)
+    block_n = max(triton.next_power_of_2(max_seqlen_k), 32)
     if interpreting():
         return 16, block_n, 4  # small tiles keep the CPU interpreter fast, as in `_bwd_configs`
     block_m = 32 if head_dim <= 64 else 16
@@ -490,6 +532,7 @@ def _bwd_short_kernel(
     )
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    keep_prob = 1.0 / drop_scale
     for g in range(0, gqa_group):
         h = hk * gqa_group + g
         bh = b * nheads_k * gqa_group + h
@@ -525,23 +568,24 @@ def _bwd_short_kernel(
                 allowed = allowed & (offs_n[:, None] <= offs_m[None, :] + causal_shift)
             pT = tl.where(allowed, pT, 0.0)
             dpT = tl.dot(v, tl.trans(do))
+            # Dropout folded in as in `_bwd_dkdv_inner`: unscaled masks here, 1 / keep_prob at the end.
             if HAS_DROPOUT:
                 keepT = tl.trans(dropout_keep(seed, bh, offs_m, 0, drop_threshold, BLOCK_N))
-                pdT = tl.where(keepT, pT * drop_scale, 0.0)
-                dpT = tl.where(keepT, dpT * drop_scale, 0.0)
+                dv = tl.dot(dropped(pT, keepT, drop_threshold).to(do.dtype), do, dv)
+                dpT = dropped(dpT, keepT, drop_threshold)
+                delta = delta * keep_prob
             else:
-                pdT = pT
-            dv = tl.dot(pdT.to(do.dtype), do, dv)
+                dv = tl.dot(pT.to(do.dtype), do, dv)
             dsT = pT * (dpT - delta[None, :])
             dsT = dsT.to(qT.dtype)
             dk = tl.dot(dsT, tl.trans(qT), dk)
-            dq = tl.dot(tl.trans(dsT), k) * sm_scale
+            dq = tl.dot(tl.trans(dsT), k) * (sm_scale * drop_scale)
             tl.store(
                 DQ + dq_off + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
                 dq.to(DQ.dtype.element_ty),
                 mask=md_mask,
             )
     _store_dkdv(
-        DK + dk_off + hk * stride_dkh, DV + dv_off + hk * stride_dvh, dk * sm_scale, dv,
-        stride_dkt, stride_dvt, offs_n, offs_d, kv_mask,
+        DK + dk_off + hk * stride_dkh, DV + dv_off + hk * stride_dvh, dk * (sm_scale * drop_scale),
+        dv * drop_scale, stride_dkt, stride_dvt, offs_n, offs_d, kv_mask,
     )  # fmt: skip

@@ -47,25 +47,66 @@ def bench_config(kernel_call, quantiles):
 
 
 @triton.jit
-def dropout_keep(seed, bh, rows, start_n, drop_threshold, BLOCK_N: tl.constexpr):
+def dropout_keep(
+    seed, bh, rows, start_n, drop_threshold, BLOCK_N: tl.constexpr, ROUNDS: tl.constexpr = 7
+):  # fmt: skip
     """Keep-mask (len(rows), BLOCK_N) for columns start_n .. start_n + BLOCK_N of head `bh`.
 
-    One Philox4x32-7 call yields 8 16-bit numbers, which decide columns 8c .. 8c+7 of a row; the
-    counter is (column group c, row, bh), so the mask of an element depends only on its position and
-    the seed, never on the tiling. An element is kept when its 16-bit number is >= drop_threshold
-    (= round(dropout_p * 65536)).
+    One Philox4x32-7 call (counter (16R + r, 4g + t, bh, 0), key = seed) decides 16 elements: rows
+    16R + r and 16R + r + 8 (r < 8) by columns 32g + 8j + 2t + e (j < 4, e < 2). These are the elements
+    one thread holds of a tensor-core accumulator tile (Hopper wgmma and Ampere mma.sync), so every mask
+    bit is made in the thread that applies it: no data moves between threads, whatever the tile shape.
+    The mask depends only on the element's position and the seed, never on the tiling.
+
+    Each element compares a 16-bit number with drop_threshold = round(dropout_p * 65536), so the drop
+    rate is dropout_p to within 2^-17. Word j of the call, with bytes (b3, b2, b1, b0), gives (b1, b0)
+    and (b3, b2) to the upper row's columns e = 0, 1 and (b0, b3), (b2, b1) to the lower row's: every
+    byte leads one number, so 8 random bits per element instead of 16 halve the Philox work, and two
+    elements interact only when a leading byte ties the threshold's (probability 1/256), so the drop
+    decisions of elements sharing a word correlate by 0.35% at dropout_p = 0.1 (the tests bound it by 1%).
+    A number is compared without being extracted: (b1, b0) >= T exactly when word << 16 >= T << 16, and a
+    rotation by 8 or 24 bits puts (b2, b1) or (b0, b3) on top. len(rows) and BLOCK_N must be multiples
+    of 16 and 32, starting at multiples of 16 and 32. ROUNDS (7) is lowered only by scripts/dropout_cost.py.
     """
-    groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)
-    c0 = groups[None, :] + rows[:, None] * 0
-    c1 = rows[:, None] + groups[None, :] * 0
+    tl.static_assert(BLOCK_N % 32 == 0, "dropout needs key tiles that are a multiple of 32")
+    M: tl.constexpr = rows.shape[0]
+    tl.static_assert(M % 16 == 0, "dropout needs query tiles that are a multiple of 16")
+    grp = (start_n // 32 + tl.arange(0, BLOCK_N // 32))[:, None] * 4 + tl.arange(0, 4)[None, :]  # 4g + t
+    upper, _ = tl.split(tl.permute(tl.reshape(rows, (M // 16, 2, 8)), (0, 2, 1)))  # rows 16R + r: (R, r)
+    c0 = upper[:, :, None, None] + grp[None, None, :, :] * 0
+    c1 = grp[None, None, :, :] + upper[:, :, None, None] * 0
     c2 = c0 * 0 + bh
+    # The row and head go into the two words Philox's first round multiplies: when the rows stay fixed
+    # over a key loop, the compiler hoists part of the first three rounds out of it.
     r0, r1, r2, r3 = tl.philox(
-        seed, c0.to(tl.uint32), c1.to(tl.uint32), c2.to(tl.uint32), c2.to(tl.uint32) * 0, 7
+        seed, c0.to(tl.uint32), c1.to(tl.uint32), c2.to(tl.uint32), c2.to(tl.uint32) * 0, ROUNDS
     )
-    lo = tl.join(tl.join(r0 & 0xFFFF, r0 >> 16), tl.join(r1 & 0xFFFF, r1 >> 16))
-    hi = tl.join(tl.join(r2 & 0xFFFF, r2 >> 16), tl.join(r3 & 0xFFFF, r3 >> 16))
-    r = tl.reshape(tl.join(lo, hi), (rows.shape[0], BLOCK_N))
-    return r >= drop_threshold
+    t16 = drop_threshold.to(tl.uint32) << 16
+    k_up = tl.join(
+        tl.join(tl.join(r0 << 16 >= t16, r0 >= t16), tl.join(r1 << 16 >= t16, r1 >= t16)),
+        tl.join(tl.join(r2 << 16 >= t16, r2 >= t16), tl.join(r3 << 16 >= t16, r3 >= t16)),
+    )  # (R, r, g, t, e, j % 2, j // 2)
+    k_lo = tl.join(
+        tl.join(
+            tl.join((r0 >> 8) | (r0 << 24) >= t16, (r0 << 8) | (r0 >> 24) >= t16),
+            tl.join((r1 >> 8) | (r1 << 24) >= t16, (r1 << 8) | (r1 >> 24) >= t16),
+        ),
+        tl.join(
+            tl.join((r2 >> 8) | (r2 << 24) >= t16, (r2 << 8) | (r2 >> 24) >= t16),
+            tl.join((r3 >> 8) | (r3 << 24) >= t16, (r3 << 8) | (r3 >> 24) >= t16),
+        ),
+    )
+    keep = tl.join(k_up, k_lo)  # (R, r, g, t, e, j % 2, j // 2, h)
+    keep = tl.permute(keep, (0, 7, 1, 2, 6, 5, 3, 4))  # (R, h, r, g, j // 2, j % 2, t, e)
+    return tl.reshape(keep, (M, BLOCK_N))
+
+
+@triton.jit
+def dropped(x, keep, drop_threshold):
+    """x where keep, else 0. The 0 is computed from drop_threshold (< 65536, so >> 16 gives 0) rather than
+    written as a constant: with a constant the compiler moves the select past the bf16 conversion that
+    follows, onto packed 16-bit pairs, which costs two extra byte permutes per pair."""
+    return tl.where(keep, x, (drop_threshold >> 16).to(x.dtype))
 
 
 @triton.jit
@@ -142,7 +183,7 @@ def _fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
-            p = tl.where(dropout_keep(seed, bh, offs_m, start_n, drop_threshold, BLOCK_N), p, 0.0)
+            p = dropped(p, dropout_keep(seed, bh, offs_m, start_n, drop_threshold, BLOCK_N), drop_threshold)
         if MASKED:
             v = tl.load(v_ptrs, mask=(cols[:, None] < seqlen_k) & d_ok[None, :], other=0.0)
         elif BLOCK_D != HEAD_DIM:
@@ -156,7 +197,7 @@ def _fwd_inner(
 
 def _fwd_configs() -> list:
     if interpreting() or not torch.cuda.is_available():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in [

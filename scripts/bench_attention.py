@@ -141,6 +141,15 @@ def phases(attn, inputs_list, dout_list, reps=20, use_graph=True):
     return {"fwd_ms": t_fwd, "bwd_ms": t_both - t_fwd, "fwd_bwd_ms": t_both}
 
 
+def sdpa(q, k, v, backend, causal=False, dropout_p=0.0):
+    """torch's scaled_dot_product_attention pinned to one backend, on our (batch, seqlen, heads, dim) layout."""
+    with sdpa_kernel(backend):
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, dropout_p=dropout_p
+        )
+    return o.transpose(1, 2)
+
+
 def make_inputs(b, n, h, d, copies=None, varlen_lengths=None):
     """`copies` independent (q, k, v) sets (+ dout); rotate when one set fits in L2."""
     per_set = 4 * b * n * h * d * 2
@@ -205,6 +214,13 @@ def bench_paper(seqlens, reps, save):
                 sets,
                 douts,
             ),
+            # Context for the dropout cost: PyTorch's FlashAttention-2 with and without its own dropout.
+            "sdpa_flash": (lambda q, k, v: sdpa(q, k, v, SDPBackend.FLASH_ATTENTION), sets, douts),
+            "sdpa_flash_dropout": (
+                lambda q, k, v: sdpa(q, k, v, SDPBackend.FLASH_ATTENTION, dropout_p=0.1),
+                sets,
+                douts,
+            ),
             "standard": (lambda q, k, v: standard_attention(q, k, v), sets, douts),
             "standard_dropout_mask": (
                 lambda q, k, v: standard_attention(q, k, v, dropout_p=0.1, attn_mask=key_mask),
@@ -239,8 +255,8 @@ def bench_paper(seqlens, reps, save):
 # ---------------------------------------------------------------------------------------------
 
 PAPER_METHODS = (
-    "flash", "flash_dropout", "flash_mask", "flash_dropout_mask", "block_sparse_butterfly",
-    "standard", "standard_dropout_mask",
+    "flash", "flash_dropout", "flash_mask", "flash_dropout_mask", "sdpa_flash", "sdpa_flash_dropout",
+    "block_sparse_butterfly", "standard", "standard_dropout_mask",
 )  # fmt: skip
 SDPA_BACKENDS = {
     "sdpa_flash": SDPBackend.FLASH_ATTENTION,
@@ -261,15 +277,7 @@ def bench_grid(seqlens, head_dims, reps, save):
                 row = {"headdim": d, "causal": causal, "seqlen": n, "batch": b, "nheads": h}
                 methods = {"flash": lambda q, k, v: flash_attn_func(q, k, v, causal=causal)}
                 for name, backend in SDPA_BACKENDS.items():
-
-                    def sdpa(q, k, v, backend=backend):
-                        with sdpa_kernel(backend):
-                            o = F.scaled_dot_product_attention(
-                                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
-                            )
-                        return o.transpose(1, 2)
-
-                    methods[name] = sdpa
+                    methods[name] = lambda q, k, v, backend=backend: sdpa(q, k, v, backend, causal=causal)
                 for name, fn in methods.items():
                     try:
                         res = phases(fn, sets, douts, reps)
@@ -340,6 +348,14 @@ def evaluate(paper, grid):
         "value": max(over, default=float("nan")),
         "target": "<= 0.25 at N >= 1K",
     }
+    fa2 = [
+        r["sdpa_flash_dropout"]["fwd_bwd_ms"] / r["sdpa_flash"]["fwd_bwd_ms"] - 1
+        for r in paper
+        if r["seqlen"] >= 1024 and isinstance(r.get("sdpa_flash_dropout"), dict)
+        and isinstance(r.get("sdpa_flash"), dict)
+    ]  # fmt: skip
+    if fa2:
+        t["sdpa_flash_dropout_overhead_max"] = {"value": max(fa2), "target": "context: FA2's own dropout 0.1"}
     sparse = []
     for r in paper:
         if (
@@ -448,7 +464,11 @@ def write_report(out_dir: Path, data: dict):
     for r in data["paper"]:
         for m in (
             "flash",
+            "flash_dropout",
+            "flash_mask",
             "flash_dropout_mask",
+            "sdpa_flash",
+            "sdpa_flash_dropout",
             "block_sparse_butterfly",
             "standard",
             "standard_dropout_mask",

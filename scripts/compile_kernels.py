@@ -43,8 +43,22 @@ def signature(fn, constexprs: dict) -> dict:
 
 def compile_kernel(fn, constexprs: dict, arch: int, num_warps: int, num_stages: int):
     """Compile `fn` (a @triton.jit function) for sm_<arch>; returns Triton's compiled kernel (`.asm` has
-    the "ttgir", "ptx" and "cubin" stages)."""
-    src = ASTSource(fn=fn, signature=signature(fn, constexprs), constexprs=constexprs)
+    the "ttgir", "ptx" and "cubin" stages). The dK/dV kernel's tile orientation follows dropout, as in
+    the launcher.
+
+    Pointers and strides are declared divisible by 16, as Triton specializes them at a real launch with
+    the usual shapes (head dims and head counts that make every stride a multiple of 16); without that the
+    loads would not be vectorized and the code would not be what a GPU runs.
+    """
+    if "TRANSPOSED" in fn.arg_names and "TRANSPOSED" not in constexprs:
+        constexprs = {**constexprs, "TRANSPOSED": not constexprs["HAS_DROPOUT"]}
+    sig = signature(fn, constexprs)
+    aligned = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(fn.arg_names)
+        if sig[name].startswith("*") or name.startswith("stride_")
+    }
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=aligned)
     target = GPUTarget("cuda", arch, 32)
     return triton.compile(src, target=target, options=dict(num_warps=num_warps, num_stages=num_stages))
 

@@ -286,6 +286,18 @@ def test_dropout_kept_fraction_within_binomial_bounds():
     # Every row and column block is drawn independently: per-head fractions within bounds too.
     per_head = keep.flatten(2).float().mean(-1)
     assert ((per_head - (1 - p)).abs() < 5 * math.sqrt(p * (1 - p) / (256 * 256))).all()
+    # Elements that share a Philox word (rows r and r + 8 of a 16-row group, same column), and plain
+    # neighbours, are close to independent: correlation of their drop decisions below 1%.
+    drop = (~keep).float()
+    groups = drop.view(2, 4, 16, 2, 8, 256)
+    pairs = {
+        "rows r, r + 8": (groups[:, :, :, 0], groups[:, :, :, 1]),
+        "next column": (drop[..., :-1], drop[..., 1:]),
+        "next row": (drop[:, :, :-1], drop[:, :, 1:]),
+    }
+    for name, (a, b) in pairs.items():
+        corr = ((a * b).mean() - a.mean() * b.mean()) / (p * (1 - p))
+        assert abs(corr) < 0.01, (name, corr.item())
 
 
 def test_every_output_element_is_written(bwd_path):
@@ -317,7 +329,7 @@ def test_backward_is_deterministic(bwd_path):
 def test_short_bwd_dispatch_rule(monkeypatch):
     """One launch while one key block of at most SHORT_SEQLEN_K keys fits (half at head dims 96/128)."""
     assert short_bwd_tiles(64, 128)[1] == 128 and short_bwd_tiles(64, 129) is None
-    assert short_bwd_tiles(32, 100)[1] == 128 and short_bwd_tiles(16, 1)[1] == 16
+    assert short_bwd_tiles(32, 100)[1] == 128 and short_bwd_tiles(16, 1)[1] == 32
     assert short_bwd_tiles(96, 64)[1] == 64 and short_bwd_tiles(128, 65) is None
     assert short_bwd_tiles(256, 16) is None
     monkeypatch.setattr(bwd_module, "SHORT_SEQLEN_K", 0)
@@ -539,6 +551,31 @@ def test_gpu_varlen_sparse_dropout(dtype):
     compare(lambda q, k, v: flash_attn_func(q, k, v, dropout_p=0.1, causal=True),
             lambda q, k, v: attention_ref(q, k, v, causal=True, dropout_p=0.1, dropout_mask=keep),
             [q, k, v], dtype, rand(2, n, 4, 64, dtype=dtype))  # fmt: skip
+
+
+@needs_cuda
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_dropout_backward_every_tile(d, monkeypatch):
+    """Every dK/dV tile the autotuner may run with dropout ((queries x keys) score tiles) gives right
+    gradients: bf16, causal, GQA, a ragged length, mask recovered from the kernel."""
+    kernel = bwd_module._bwd_dkdv_kernel
+    with monkeypatch.context() as m:
+        m.setenv("FLASHREPRO_AUTOTUNE", "1")  # every tile autotuning may pick, not only the first
+        tiles = bwd_module._prune_bwd(kernel.configs, {}, HEAD_DIM=d, TRANSPOSED=False)
+    assert tiles and all(c.kwargs["BLOCK_M"] >= 64 for c in tiles)
+    b, n, h, hk, p = 2, 333, 4, 2, 0.1
+    q, k, v, dout = rand(b, n, h, d, dtype=torch.bfloat16), rand(b, n, hk, d, dtype=torch.bfloat16), \
+        rand(b, n, hk, d, dtype=torch.bfloat16), rand(b, n, h, d, dtype=torch.bfloat16)  # fmt: skip
+    torch.manual_seed(21)
+    keep = dropout_mask(b, h, n, n, draw_seed(), p, DEVICE)
+    for tile in tiles:
+        monkeypatch.setattr(kernel, "configs", [tile])
+        kernel.cache.clear()
+        torch.manual_seed(21)
+        compare(lambda q, k, v: flash_attn_func(q, k, v, dropout_p=p, causal=True),
+                lambda q, k, v: attention_ref(q, k, v, causal=True, dropout_p=p, dropout_mask=keep),
+                [q, k, v], torch.bfloat16, dout)  # fmt: skip
+    kernel.cache.clear()
 
 
 @needs_cuda
