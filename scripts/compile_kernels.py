@@ -63,13 +63,16 @@ def compile_kernel(fn, constexprs: dict, arch: int, num_warps: int, num_stages: 
     return triton.compile(src, target=target, options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
-def first_configs() -> dict:
+def first_configs(dropout: bool = False) -> dict:
     """name -> (jit function, tile constexprs, num_warps, num_stages): each kernel's first autotuning
-    config at head dim 64 (what FLASHREPRO_AUTOTUNE=0 runs use), without the flag constexprs."""
+    config at head dim 64 (what FLASHREPRO_AUTOTUNE=0 runs use), without the flag constexprs. With
+    dropout the dK/dV kernel's (queries x keys) tiles need BLOCK_M >= 64 (`flash_bwd._prune_bwd`)."""
     shape = dict(HEAD_DIM=64, BLOCK_D=64, SPARSE_BLOCK_SIZE=128, SPARSE_MASKED=False, IS_SPARSE=False)
     return {
         "forward": (flash_fwd._fwd_kernel.fn, dict(BLOCK_M=128, BLOCK_N=128, **shape), 8, 2),
-        "backward dK/dV": (flash_bwd._bwd_dkdv_kernel.fn, dict(BLOCK_M=32, BLOCK_N=128, **shape), 8, 2),
+        "backward dK/dV": (flash_bwd._bwd_dkdv_kernel.fn, dict(BLOCK_M=32, BLOCK_N=128, **shape), 8, 2)
+        if not dropout
+        else (flash_bwd._bwd_dkdv_kernel.fn, dict(BLOCK_M=64, BLOCK_N=64, **shape), 4, 2),
         "backward dQ": (flash_bwd._bwd_dq_kernel.fn, dict(BLOCK_M=128, BLOCK_N=32, **shape), 8, 2),
         "backward, one launch": (
             flash_bwd._bwd_short_kernel,
@@ -88,13 +91,12 @@ def main(argv: list[str] | None = None) -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter replaces the kernels this script compiles")
 
-    kernels = first_configs()
     combos = list(itertools.product([False, True], repeat=3))
     if args.quick:
         combos = [(False, False, False), (True, True, True)]
     for causal, dropout, varlen in combos:
         flags = dict(IS_CAUSAL=causal, HAS_DROPOUT=dropout, IS_VARLEN=varlen)
-        for name, (fn, tiles, warps, stages) in kernels.items():
+        for name, (fn, tiles, warps, stages) in first_configs(dropout).items():
             size = len(compile_kernel(fn, {**flags, **tiles}, args.arch, warps, stages).asm["cubin"])
             print(f"sm_{args.arch} {name:22s} causal={causal!s:5} dropout={dropout!s:5} varlen={varlen!s:5} "
                   f"cubin {size:,} bytes", flush=True)  # fmt: skip

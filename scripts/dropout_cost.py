@@ -4,17 +4,17 @@ Paper setting (batch 16, 8 heads, head dim 64, bf16, non-causal) at one sequence
 in a fresh process (Triton resolves `dropout_keep` when it first compiles a kernel), with autotuning off
 so every variant uses the same tiles. Variants:
 
-    nodrop     dropout_p = 0 (the baseline)
-    philox7    the kernels' dropout_keep: Philox4x32-7, 8 columns per call, joined and reshaped to the tile
-    philox0    the same layout work with 0 Philox rounds: the cost of join/reshape (layout conversion)
-    allkeep    a mask computed directly in the score tile's layout, all kept: the cost of applying a mask
-    hash_full  a cheap per-element hash in the tile's layout: mask application + a few integer ops
-    mma7/mma0  Philox4x32-7 / 0 rounds, but one call covers columns 32g + 8j + 2t + e (j < 4, e < 2), the
-               columns one thread owns in the Hopper MMA accumulator, so no cross-thread reshuffle is needed
+    nodrop      dropout_p = 0 (the baseline)
+    ours        the kernels' dropout_keep: one Philox4x32-7 call per 16 thread-owned elements
+    ours0       the same with 0 Philox rounds: everything but the rounds
+    allkeep     a mask computed directly in the score tile's layout, all kept: the cost of applying a mask
+    hash_full   a cheap per-element hash in the tile's layout: mask application + a few integer ops
+    contiguous  the first version: one call per 8 consecutive columns of a row, joined and reshaped into
+                the tile, which Triton moves between threads through shared memory
 
-Not a correctness test: the variants other than philox7 do not draw a valid dropout mask.
+Not a correctness test: the variants other than ours do not draw the kernels' dropout mask.
 
-    python scripts/dropout_cost.py [--seqlen 4096] [--variants nodrop,philox7,...]   # GPU timings
+    python scripts/dropout_cost.py [--seqlen 4096] [--variants nodrop,ours,...]   # GPU timings
     python scripts/dropout_cost.py --inspect     # no GPU: layout conversions and spills of each variant
 
 `--inspect` compiles each kernel with dropout for sm_90 (as scripts/compile_kernels.py does) and counts the
@@ -34,26 +34,15 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VARIANTS = ["nodrop", "philox7", "philox0", "allkeep", "hash_full", "mma7", "mma0"]
+VARIANTS = ["nodrop", "ours", "ours0", "allkeep", "hash_full", "contiguous"]
 
 
 def variant_functions() -> dict:
-    @triton.jit
-    def philox_joined(seed, bh, rows, start_n, drop_threshold, BLOCK_N: tl.constexpr, ROUNDS: tl.constexpr):
-        groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)
-        c0 = groups[None, :] + rows[:, None] * 0
-        c1 = rows[:, None] + groups[None, :] * 0
-        c2 = c0 * 0 + bh
-        r0, r1, r2, r3 = tl.philox(
-            seed, c0.to(tl.uint32), c1.to(tl.uint32), c2.to(tl.uint32), c2.to(tl.uint32) * 0, ROUNDS
-        )
-        lo = tl.join(tl.join(r0 & 0xFFFF, r0 >> 16), tl.join(r1 & 0xFFFF, r1 >> 16))
-        hi = tl.join(tl.join(r2 & 0xFFFF, r2 >> 16), tl.join(r3 & 0xFFFF, r3 >> 16))
-        return tl.reshape(tl.join(lo, hi), (rows.shape[0], BLOCK_N)) >= drop_threshold
+    from kernels.flash_fwd import dropout_keep
 
     @triton.jit
-    def philox0(seed, bh, rows, start_n, drop_threshold, BLOCK_N: tl.constexpr):
-        return philox_joined(seed, bh, rows, start_n, drop_threshold, BLOCK_N, 0)
+    def ours0(seed, bh, rows, start_n, drop_threshold, BLOCK_N: tl.constexpr):
+        return dropout_keep(seed, bh, rows, start_n, drop_threshold, BLOCK_N, 0)
 
     @triton.jit
     def allkeep(seed, bh, rows, start_n, drop_threshold, BLOCK_N: tl.constexpr):
@@ -72,32 +61,19 @@ def variant_functions() -> dict:
         return (x >> 16) >= drop_threshold
 
     @triton.jit
-    def philox_mma(seed, bh, rows, start_n, drop_threshold, BLOCK_N: tl.constexpr, ROUNDS: tl.constexpr):
-        G: tl.constexpr = BLOCK_N // 32
-        grp = (start_n // 32 + tl.arange(0, G))[:, None] * 4 + tl.arange(0, 4)[None, :]  # (g, t)
-        c0 = grp[None, :, :] + rows[:, None, None] * 0
-        c1 = rows[:, None, None] + grp[None, :, :] * 0
+    def contiguous(seed, bh, rows, start_n, drop_threshold, BLOCK_N: tl.constexpr):
+        groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)
+        c0 = groups[None, :] + rows[:, None] * 0
+        c1 = rows[:, None] + groups[None, :] * 0
         c2 = c0 * 0 + bh
         r0, r1, r2, r3 = tl.philox(
-            seed, c0.to(tl.uint32), c1.to(tl.uint32), c2.to(tl.uint32), c2.to(tl.uint32) * 0, ROUNDS
+            seed, c0.to(tl.uint32), c1.to(tl.uint32), c2.to(tl.uint32), c2.to(tl.uint32) * 0, 7
         )
-        h0 = tl.join(r0 & 0xFFFF, r0 >> 16)
-        h1 = tl.join(r1 & 0xFFFF, r1 >> 16)
-        h2 = tl.join(r2 & 0xFFFF, r2 >> 16)
-        h3 = tl.join(r3 & 0xFFFF, r3 >> 16)
-        x = tl.join(tl.join(h0, h1), tl.join(h2, h3))  # (m, g, t, e, b, a) with j = 2a + b
-        x = tl.permute(x, (0, 1, 5, 4, 2, 3))  # (m, g, a, b, t, e): column 32g + 8j + 2t + e
-        return tl.reshape(x, (rows.shape[0], BLOCK_N)) >= drop_threshold
+        lo = tl.join(tl.join(r0 & 0xFFFF, r0 >> 16), tl.join(r1 & 0xFFFF, r1 >> 16))
+        hi = tl.join(tl.join(r2 & 0xFFFF, r2 >> 16), tl.join(r3 & 0xFFFF, r3 >> 16))
+        return tl.reshape(tl.join(lo, hi), (rows.shape[0], BLOCK_N)) >= drop_threshold
 
-    @triton.jit
-    def mma7(seed, bh, rows, start_n, drop_threshold, BLOCK_N: tl.constexpr):
-        return philox_mma(seed, bh, rows, start_n, drop_threshold, BLOCK_N, 7)
-
-    @triton.jit
-    def mma0(seed, bh, rows, start_n, drop_threshold, BLOCK_N: tl.constexpr):
-        return philox_mma(seed, bh, rows, start_n, drop_threshold, BLOCK_N, 0)
-
-    return dict(philox0=philox0, allkeep=allkeep, hash_full=hash_full, mma7=mma7, mma0=mma0)
+    return dict(ours0=ours0, allkeep=allkeep, hash_full=hash_full, contiguous=contiguous)
 
 
 def measure(variant: str, n: int) -> dict:
@@ -142,7 +118,7 @@ def inspect(variants: list[str]) -> None:
     for variant in variants:
         fn_keep = variant_functions().get(variant, original)
         kernels.flash_fwd.dropout_keep = kernels.flash_bwd.dropout_keep = fn_keep
-        for name, (fn, tiles, warps, stages) in first_configs().items():
+        for name, (fn, tiles, warps, stages) in first_configs(dropout=True).items():
             k = compile_kernel(fn, {**flags, **tiles}, 90, warps, stages)
             converts = k.asm["ttgir"].count("ttg.convert_layout")
             usage = "ptxas-blackwell not found"
