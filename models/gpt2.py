@@ -112,6 +112,17 @@ def training_flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: 
     return 6.0 * n_params + 12.0 * n_layer * n_embd * seq_len
 
 
+def check_token_ids(idx: torch.Tensor, n_positions: int) -> None:
+    """Raise a ValueError unless idx is (batch, seq_len) token ids with seq_len <= n_positions."""
+    if idx.ndim != 2:
+        raise ValueError(f"idx must be (batch, seq_len) token ids, got shape {tuple(idx.shape)}")
+    if idx.shape[1] > n_positions:
+        raise ValueError(
+            f"sequence length {idx.shape[1]} exceeds the model's n_positions={n_positions} (its learned "
+            "position table); raise model.n_positions in the config or shorten the sequences"
+        )
+
+
 class GPT2(nn.Module):
     """GPT-2 language model: token ids (B, T) -> next-token logits (B, T, vocab_size)."""
 
@@ -172,14 +183,8 @@ class GPT2(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """idx: (B, T) int64 token ids, T <= n_positions -> logits (B, T, vocab_size) in the compute dtype."""
-        if idx.ndim != 2:
-            raise ValueError(f"idx must be (batch, seq_len) token ids, got shape {tuple(idx.shape)}")
+        check_token_ids(idx, self.n_positions)
         T = idx.shape[1]
-        if T > self.n_positions:
-            raise ValueError(
-                f"sequence length {T} exceeds the model's n_positions={self.n_positions} (its learned "
-                "position table); raise model.n_positions in the config or shorten the sequences"
-            )
         attn_impl = self._resolve_attn_impl(idx.device)
         pos = torch.arange(T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)

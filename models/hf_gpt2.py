@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from transformers import GPT2LMHeadModel
 
-from models.gpt2 import hf_config, training_flops_per_token
+from models.gpt2 import check_token_ids, hf_config, training_flops_per_token
 
 HF_ATTN_IMPLS = ("eager", "sdpa")
 
@@ -46,13 +46,7 @@ class HFGPT2(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """idx: (B, T) int64 token ids, T <= n_positions -> logits (B, T, vocab_size)."""
-        if idx.ndim != 2:
-            raise ValueError(f"idx must be (batch, seq_len) token ids, got shape {tuple(idx.shape)}")
-        if idx.shape[1] > self.n_positions:
-            raise ValueError(
-                f"sequence length {idx.shape[1]} exceeds the model's n_positions={self.n_positions} (its "
-                "learned position table); raise model.n_positions in the config or shorten the sequences"
-            )
+        check_token_ids(idx, self.n_positions)
         return self.model(input_ids=idx, use_cache=False).logits
 
     def num_params(self) -> int:
