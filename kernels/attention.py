@@ -290,7 +290,7 @@ def flash_bwd(
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen),
         *_strides3(dk, varlen), *_strides3(dv, varlen), *_lse_strides(lse, varlen), s_heads, s_nk, s_nq,
         max_seqlen_q, max_seqlen_k, nheads_k, nheads // nheads_k, softmax_scale * LOG2E, softmax_scale,
-        seed, threshold, drop_scale, *buckets, TRANSPOSED=dropout_p == 0, **common,
+        seed, threshold, drop_scale, *buckets, **common,
     )  # fmt: skip
     s_idx, s_cnt, s_heads, s_nq, s_nk = _sparse_args(q2k_idx, q2k_cnt, q)
     _bwd_dq_kernel[lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * nheads)](

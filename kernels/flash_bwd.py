@@ -69,15 +69,15 @@ def _bwd_dkdv_inner(
     start_n, offs_n, offs_d, lo, hi, seqlen_q, causal_shift, qk_scale, seed, bh, drop_threshold, keep_prob,
     sparse_idx, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPARSE: tl.constexpr, TRANSPOSED: tl.constexpr,
+    SPARSE: tl.constexpr,
 ):  # fmt: skip
     """Add the contributions of query rows lo .. hi to one key block's dK, dV.
 
     Dropout is folded in without scaling each element: this adds (P * Z)^T dO to dv and
     (P * (Z * dP - keep_prob * D))^T Q to dk, and the caller multiplies both by 1 / keep_prob.
-    TRANSPOSED: score tiles are (keys x queries), so dV += P^T dO takes P from registers as is (fastest
-    without dropout). Otherwise they are (queries x keys) like the forward pass, where the dropout mask is
-    made in the threads that use it (`dropout_keep`), and P^T, dS^T go to the MMA through shared memory.
+    Without dropout the score tiles are (keys x queries), so dV += P^T dO takes P from registers as it
+    is (6% faster). With dropout they are (queries x keys) like the forward pass, where the dropout mask
+    is made in the threads that use it (`dropout_keep`), and P^T, dS^T go to the MMA through shared memory.
     SPARSE: lo .. hi count positions in the concatenation of the query blocks listed at `sparse_idx`.
     """
     offs_m0 = tl.arange(0, BLOCK_M)
@@ -109,42 +109,27 @@ def _bwd_dkdv_inner(
         # Rows that saw no key have lse = -inf and P = 0: treat them as +inf.
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         if HAS_DROPOUT:
-            delta = delta * keep_prob
-        if TRANSPOSED:
-            pT = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
-            if MASKED:
-                if IS_CAUSAL:
-                    pT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_shift, pT, 0.0)
-            dpT = tl.dot(v, tl.trans(do))
-            if HAS_DROPOUT:
-                pzT = dropped(
-                    pT,
-                    tl.trans(dropout_keep(seed, bh, offs_m, start_n, drop_threshold, BLOCK_N)),
-                    drop_threshold,
-                )
-                dv = tl.dot(pzT.to(do.dtype), do, dv)
-                dsT = pzT * dpT - pT * delta[None, :]
-            else:
-                dv = tl.dot(pT.to(do.dtype), do, dv)
-                dsT = pT * (dpT - delta[None, :])
-            dk = tl.dot(dsT.to(q.dtype), q, dk)
-        else:
+            # (queries x keys) tiles, as in the forward: the mask is made in the threads that use it.
             p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
             if MASKED:
                 if IS_CAUSAL:
                     p = tl.where(offs_n[None, :] <= offs_m[:, None] + causal_shift, p, 0.0)
             dp = tl.dot(do, tl.trans(v))
-            if HAS_DROPOUT:
-                # (P * Z) dP - P D = P * (Z * dP - D), with one select instead of two.
-                pz = dropped(
-                    p, dropout_keep(seed, bh, offs_m, start_n, drop_threshold, BLOCK_N), drop_threshold
-                )
-                dv = tl.dot(tl.trans(pz.to(do.dtype)), do, dv)
-                ds = pz * dp - p * delta[:, None]
-            else:
-                dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv)
-                ds = p * (dp - delta[:, None])
+            # (P * Z) dP - P D = P * (Z * dP - D), with one select instead of two.
+            pz = dropped(p, dropout_keep(seed, bh, offs_m, start_n, drop_threshold, BLOCK_N), drop_threshold)
+            dv = tl.dot(tl.trans(pz.to(do.dtype)), do, dv)
+            ds = pz * dp - p * (delta * keep_prob)[:, None]
             dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk)
+        else:
+            # (keys x queries) tiles: dV += P^T dO takes P from registers as it is.
+            pT = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
+            if MASKED:
+                if IS_CAUSAL:
+                    pT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_shift, pT, 0.0)
+            dpT = tl.dot(v, tl.trans(do))
+            dv = tl.dot(pT.to(do.dtype), do, dv)
+            dsT = pT * (dpT - delta[None, :])
+            dk = tl.dot(dsT.to(q.dtype), q, dk)
     return dk, dv
 
 
@@ -223,16 +208,13 @@ def _bwd_configs() -> list:
     ]
 
 
-def _prune_bwd(configs, named_args, **kwargs):
-    """Drop tiles that cannot fit at large head dims. The dK/dV kernel's (queries x keys) orientation
-    (TRANSPOSED=False) keeps BLOCK_M >= 64, where all four products are Hopper wgmma: at 32 x 128 with
-    8 warps Triton 3.6 computed a wrong dK in that orientation (`test_gpu_dropout_backward_every_tile`)."""
+def _prune_bwd(configs, named_args, min_block_m=0, **kwargs):
+    """Drop tiles whose shared memory cannot fit at large head dims, and tiles below min_block_m rows."""
     d = named_args["HEAD_DIM"] if "HEAD_DIM" in named_args else kwargs["HEAD_DIM"]
-    transposed = kwargs.get("TRANSPOSED", named_args.get("TRANSPOSED", True))
     out = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if not transposed and bm < 64 and not interpreting():
+        if bm < min_block_m:
             continue
         if d > 128 and (bm * bn > 32 * 64 or c.num_stages > 2):
             continue
@@ -243,13 +225,21 @@ def _prune_bwd(configs, named_args, **kwargs):
     return out if autotuning() else out[:1]
 
 
+def _prune_dkdv(configs, named_args, **kwargs):
+    """`_prune_bwd`; with dropout ((queries x keys) tiles) also BLOCK_M >= 64, where all four products
+    are Hopper wgmma: at 32 x 128 with 8 warps Triton 3.6 computed a wrong dK in that orientation
+    (`test_gpu_dropout_backward_every_tile`)."""
+    dropout = kwargs.get("HAS_DROPOUT", named_args.get("HAS_DROPOUT"))
+    return _prune_bwd(configs, named_args, 64 if dropout and not interpreting() else 0, **kwargs)
+
+
 _BWD_KEY = ["HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT", "IS_VARLEN", "IS_SPARSE", "Q_BUCKET", "K_BUCKET"]
 
 
 @triton.autotune(
     configs=_bwd_configs(),
-    key=_BWD_KEY + ["TRANSPOSED"],
-    prune_configs_by={"early_config_prune": _prune_bwd},
+    key=_BWD_KEY,
+    prune_configs_by={"early_config_prune": _prune_dkdv},
     do_bench=bench_config,
 )
 @triton.jit
@@ -262,7 +252,7 @@ def _bwd_dkdv_kernel(
     Q_BUCKET, K_BUCKET,
     IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, IS_SPARSE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPARSE_BLOCK_SIZE: tl.constexpr, SPARSE_MASKED: tl.constexpr, TRANSPOSED: tl.constexpr,
+    SPARSE_BLOCK_SIZE: tl.constexpr, SPARSE_MASKED: tl.constexpr,
 ):  # fmt: skip
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
@@ -316,26 +306,23 @@ def _bwd_dkdv_kernel(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
                 start_n, offs_n, offs_d, 0, count * SPARSE_BLOCK_SIZE, seqlen_q, causal_shift, qk_scale, seed, bh,
                 drop_threshold, keep_prob, SparseIdx + col * sparse_nq,
-                SPARSE_MASKED, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, True, TRANSPOSED,
+                SPARSE_MASKED, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, True,
             )  # fmt: skip
         else:
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
                 start_n, offs_n, offs_d, lo, tl.minimum(mid, q_ceil), seqlen_q, causal_shift, qk_scale, seed, bh,
                 drop_threshold, keep_prob, Q, True, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False,
-                TRANSPOSED,
             )  # fmt: skip
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
                 start_n, offs_n, offs_d, mid, full_end, seqlen_q, causal_shift, qk_scale, seed, bh,
                 drop_threshold, keep_prob, Q, False, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False,
-                TRANSPOSED,
             )  # fmt: skip
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
                 start_n, offs_n, offs_d, tl.maximum(mid, full_end), seqlen_q, seqlen_q, causal_shift, qk_scale, seed,
                 bh, drop_threshold, keep_prob, Q, True, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False,
-                TRANSPOSED,
             )  # fmt: skip
     _store_dkdv(
         DK + dk_off + hk * stride_dkh, DV + dv_off + hk * stride_dvh, dk * (sm_scale * drop_scale),

@@ -43,15 +43,12 @@ def signature(fn, constexprs: dict) -> dict:
 
 def compile_kernel(fn, constexprs: dict, arch: int, num_warps: int, num_stages: int):
     """Compile `fn` (a @triton.jit function) for sm_<arch>; returns Triton's compiled kernel (`.asm` has
-    the "ttgir", "ptx" and "cubin" stages). The dK/dV kernel's tile orientation follows dropout, as in
-    the launcher.
+    the "ttgir", "ptx" and "cubin" stages).
 
     Pointers and strides are declared divisible by 16, as Triton specializes them at a real launch with
     the usual shapes (head dims and head counts that make every stride a multiple of 16); without that the
     loads would not be vectorized and the code would not be what a GPU runs.
     """
-    if "TRANSPOSED" in fn.arg_names and "TRANSPOSED" not in constexprs:
-        constexprs = {**constexprs, "TRANSPOSED": not constexprs["HAS_DROPOUT"]}
     sig = signature(fn, constexprs)
     aligned = {
         (i,): [["tt.divisibility", 16]]
@@ -66,7 +63,7 @@ def compile_kernel(fn, constexprs: dict, arch: int, num_warps: int, num_stages: 
 def first_configs(dropout: bool = False) -> dict:
     """name -> (jit function, tile constexprs, num_warps, num_stages): each kernel's first autotuning
     config at head dim 64 (what FLASHREPRO_AUTOTUNE=0 runs use), without the flag constexprs. With
-    dropout the dK/dV kernel's (queries x keys) tiles need BLOCK_M >= 64 (`flash_bwd._prune_bwd`)."""
+    dropout the dK/dV kernel's (queries x keys) tiles need BLOCK_M >= 64 (`flash_bwd._prune_dkdv`)."""
     shape = dict(HEAD_DIM=64, BLOCK_D=64, SPARSE_BLOCK_SIZE=128, SPARSE_MASKED=False, IS_SPARSE=False)
     return {
         "forward": (flash_fwd._fwd_kernel.fn, dict(BLOCK_M=128, BLOCK_N=128, **shape), 8, 2),

@@ -561,7 +561,7 @@ def test_gpu_dropout_backward_every_tile(d, monkeypatch):
     kernel = bwd_module._bwd_dkdv_kernel
     with monkeypatch.context() as m:
         m.setenv("FLASHREPRO_AUTOTUNE", "1")  # every tile autotuning may pick, not only the first
-        tiles = bwd_module._prune_bwd(kernel.configs, {}, HEAD_DIM=d, TRANSPOSED=False)
+        tiles = bwd_module._prune_dkdv(kernel.configs, {}, HEAD_DIM=d, HAS_DROPOUT=True)
     assert tiles and all(c.kwargs["BLOCK_M"] >= 64 for c in tiles)
     b, n, h, hk, p = 2, 333, 4, 2, 0.1
     q, k, v, dout = rand(b, n, h, d, dtype=torch.bfloat16), rand(b, n, hk, d, dtype=torch.bfloat16), \
