@@ -24,7 +24,8 @@ from kernels.flash_bwd import (
     _bwd_short_kernel,
     short_bwd_tiles,
 )
-from kernels.flash_fwd import LOG2E, SPARSE_BLOCK, _fwd_kernel, interpreting, seqlen_bucket
+from kernels.flash_fwd import LOG2E, SPARSE_BLOCK, _fwd_kernel, dropout_params, interpreting, seqlen_bucket
+from kernels.masks import block_sparse_lists
 
 HEAD_DIMS = (16, 32, 64, 96, 128, 256)
 GPU_DTYPES = (torch.float16, torch.bfloat16)
@@ -153,11 +154,6 @@ def _sparse_needs_mask(causal: bool, seqlen_q: int, seqlen_k: int) -> bool:
     return causal or seqlen_q % SPARSE_BLOCK != 0 or seqlen_k % SPARSE_BLOCK != 0
 
 
-def _dropout_params(dropout_p: float) -> tuple[int, float]:
-    """(threshold on 16-bit uniforms, output scale); keep when uniform16 >= threshold."""
-    return min(int(round(dropout_p * 65536)), 65535), 1.0 / (1.0 - dropout_p)
-
-
 def flash_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -188,7 +184,7 @@ def flash_fwd(
     cu_q = cu_seqlens_q if varlen else q  # a placeholder: the kernels read it only when IS_VARLEN
     cu_k = cu_seqlens_k if varlen else cu_q
     s_idx, s_cnt, s_heads, s_nq, s_nk = _sparse_args(sparse_idx, sparse_cnt, q)
-    threshold, drop_scale = _dropout_params(dropout_p)
+    mode, bound, drop_scale = dropout_params(dropout_p)
 
     def grid(meta):
         return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * nheads)
@@ -197,9 +193,9 @@ def flash_fwd(
         q, k, v, out, lse, cu_q, cu_k, s_idx, s_cnt,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
         *_lse_strides(lse, varlen), s_heads, s_nq, s_nk,
-        max_seqlen_q, max_seqlen_k, nheads, nheads // nheads_k, softmax_scale * LOG2E, seed, threshold, drop_scale,
+        max_seqlen_q, max_seqlen_k, nheads, nheads // nheads_k, softmax_scale * LOG2E, seed, bound, drop_scale,
         seqlen_bucket(max_seqlen_q), seqlen_bucket(max_seqlen_k),
-        IS_CAUSAL=causal, HAS_DROPOUT=dropout_p > 0, IS_VARLEN=varlen, IS_SPARSE=sparse_idx is not None,
+        IS_CAUSAL=causal, DROPOUT_MODE=mode, IS_VARLEN=varlen, IS_SPARSE=sparse_idx is not None,
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), SPARSE_BLOCK_SIZE=SPARSE_BLOCK,
         SPARSE_MASKED=_sparse_needs_mask(causal, max_seqlen_q, max_seqlen_k),
     )  # fmt: skip
@@ -249,7 +245,7 @@ def flash_bwd(
     block_d = triton.next_power_of_2(d)
     cu_q = cu_seqlens_q if varlen else q  # a placeholder: the kernels read it only when IS_VARLEN
     cu_k = cu_seqlens_k if varlen else cu_q
-    threshold, drop_scale = _dropout_params(dropout_p)
+    mode, bound, drop_scale = dropout_params(dropout_p)
 
     tiles = None if q2k_idx is not None else short_bwd_tiles(d, max_seqlen_k)
     if tiles is not None:
@@ -259,8 +255,8 @@ def flash_bwd(
             *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
             *_strides3(dout, varlen), *_strides3(dq, varlen), *_strides3(dk, varlen), *_strides3(dv, varlen),
             *_lse_strides(lse, varlen), max_seqlen_q, max_seqlen_k, nheads_k, nheads // nheads_k,
-            softmax_scale * LOG2E, softmax_scale, seed, threshold, drop_scale,
-            IS_CAUSAL=causal, HAS_DROPOUT=dropout_p > 0, IS_VARLEN=varlen, HAS_DLSE=dlse is not None,
+            softmax_scale * LOG2E, softmax_scale, seed, bound, drop_scale,
+            IS_CAUSAL=causal, DROPOUT_MODE=mode, IS_VARLEN=varlen, HAS_DLSE=dlse is not None,
             HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
         )  # fmt: skip
         return dq, dk, dv
@@ -278,7 +274,7 @@ def flash_bwd(
     )  # fmt: skip
 
     common = dict(
-        IS_CAUSAL=causal, HAS_DROPOUT=dropout_p > 0, IS_VARLEN=varlen, IS_SPARSE=q2k_idx is not None,
+        IS_CAUSAL=causal, DROPOUT_MODE=mode, IS_VARLEN=varlen, IS_SPARSE=q2k_idx is not None,
         HEAD_DIM=d, BLOCK_D=block_d, SPARSE_BLOCK_SIZE=SPARSE_BLOCK,
         SPARSE_MASKED=_sparse_needs_mask(causal, max_seqlen_q, max_seqlen_k),
     )  # fmt: skip
@@ -290,7 +286,7 @@ def flash_bwd(
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen),
         *_strides3(dk, varlen), *_strides3(dv, varlen), *_lse_strides(lse, varlen), s_heads, s_nk, s_nq,
         max_seqlen_q, max_seqlen_k, nheads_k, nheads // nheads_k, softmax_scale * LOG2E, softmax_scale,
-        seed, threshold, drop_scale, *buckets, **common,
+        seed, bound, drop_scale, *buckets, **common,
     )  # fmt: skip
     s_idx, s_cnt, s_heads, s_nq, s_nk = _sparse_args(q2k_idx, q2k_cnt, q)
     _bwd_dq_kernel[lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * nheads)](
@@ -298,7 +294,7 @@ def flash_bwd(
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen),
         *_strides3(dq, varlen), *_lse_strides(lse, varlen), s_heads, s_nq, s_nk,
         max_seqlen_q, max_seqlen_k, nheads, nheads // nheads_k, softmax_scale * LOG2E, softmax_scale,
-        seed, threshold, drop_scale, *buckets, **common,
+        seed, bound, drop_scale, *buckets, **common,
     )  # fmt: skip
     return dq, dk, dv
 
@@ -509,22 +505,6 @@ def flash_attn_varlen_func(
         None, None, None, None, scale, causal, dropout_p,
     )  # fmt: skip
     return (out, lse) if return_lse else out
-
-
-def block_sparse_lists(
-    block_mask: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Index lists of a (h, n_q_blocks, n_k_blocks) bool block mask, built on its device without a sync.
-
-    Returns q2k_idx (h, nq, nk) int32 whose row (h, i) starts with the nonzero key blocks of query block
-    i in increasing order, q2k_cnt (h, nq) int32 their count, and k2q_idx (h, nk, nq) / k2q_cnt (h, nk)
-    the same for the transposed mask (used by the backward pass).
-    """
-    m = block_mask.to(torch.int8)
-    q2k_idx = torch.sort(m, dim=-1, descending=True, stable=True).indices.to(torch.int32).contiguous()
-    mt = m.transpose(1, 2)
-    k2q_idx = torch.sort(mt, dim=-1, descending=True, stable=True).indices.to(torch.int32).contiguous()
-    return q2k_idx, m.sum(-1, dtype=torch.int32), k2q_idx, mt.sum(-1, dtype=torch.int32)
 
 
 def block_sparse_flash_attn_func(

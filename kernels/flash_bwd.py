@@ -23,10 +23,13 @@ import triton
 import triton.language as tl
 
 from kernels.flash_fwd import (
+    NO_SPECIALIZE,
     autotuning,
     bench_config,
+    dropout_bits,
     dropout_keep,
-    dropped,
+    dropout_select,
+    dropout_select2,
     interpreting,
     sequence_start,
     sparse_position,
@@ -66,8 +69,8 @@ def _bwd_preprocess(
 @triton.jit
 def _bwd_dkdv_inner(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
-    start_n, offs_n, offs_d, lo, hi, seqlen_q, causal_shift, qk_scale, seed, bh, drop_threshold, keep_prob,
-    sparse_idx, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    start_n, offs_n, offs_d, lo, hi, seqlen_q, causal_shift, qk_scale, seed, bh, drop_bound, keep_prob,
+    sparse_idx, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     SPARSE: tl.constexpr,
 ):  # fmt: skip
@@ -77,7 +80,7 @@ def _bwd_dkdv_inner(
     (P * (Z * dP - keep_prob * D))^T Q to dk, and the caller multiplies both by 1 / keep_prob.
     Without dropout the score tiles are (keys x queries), so dV += P^T dO takes P from registers as it
     is (6% faster). With dropout they are (queries x keys) like the forward pass, where the dropout mask
-    is made in the threads that use it (`dropout_keep`), and P^T, dS^T go to the MMA through shared memory.
+    is made in the threads that use it (`dropout_bits`), and P^T, dS^T go to the MMA through shared memory.
     SPARSE: lo .. hi count positions in the concatenation of the query blocks listed at `sparse_idx`.
     """
     offs_m0 = tl.arange(0, BLOCK_M)
@@ -108,18 +111,29 @@ def _bwd_dkdv_inner(
             delta = tl.load(delta_base + offs_m * stride_lt)
         # Rows that saw no key have lse = -inf and P = 0: treat them as +inf.
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        if HAS_DROPOUT:
+        if DROPOUT_MODE:
             # (queries x keys) tiles, as in the forward: the mask is made in the threads that use it.
             p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
             if MASKED:
                 if IS_CAUSAL:
                     p = tl.where(offs_n[None, :] <= offs_m[:, None] + causal_shift, p, 0.0)
             dp = tl.dot(do, tl.trans(v))
-            # (P * Z) dP - P D = P * (Z * dP - D), with one select instead of two.
-            pz = dropped(p, dropout_keep(seed, bh, offs_m, start_n, drop_threshold, BLOCK_N), drop_threshold)
-            dv = tl.dot(tl.trans(pz.to(do.dtype)), do, dv)
-            ds = pz * dp - p * (delta * keep_prob)[:, None]
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk)
+            # dS = P * (Z * dP - D): P * dP - P * D where kept and -P * D where dropped, both rounded to
+            # 16 bits and chosen by the same comparison that zeroes the dropped P for dV.
+            p_d = p * (-delta * keep_prob)[:, None]
+            p16 = p.to(q.dtype)
+            x = dropout_bits(seed, bh, offs_m, start_n, BLOCK_N)
+            pz, ds = dropout_select2(
+                x,
+                drop_bound,
+                p16,
+                tl.zeros_like(p16),
+                (p * dp + p_d).to(q.dtype),
+                p_d.to(q.dtype),
+                DROPOUT_MODE,
+            )
+            dv = tl.dot(tl.trans(pz), do, dv)
+            dk = tl.dot(tl.trans(ds), q, dk)
         else:
             # (keys x queries) tiles: dV += P^T dO takes P from registers as it is.
             pT = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
@@ -136,8 +150,8 @@ def _bwd_dkdv_inner(
 @triton.jit
 def _bwd_dq_inner(
     dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt,
-    offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold,
-    sparse_idx, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale, seed, bh, drop_bound,
+    sparse_idx, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT_MODE: tl.constexpr,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPARSE: tl.constexpr,
 ):  # fmt: skip
     """Add the contributions of keys lo .. hi to one query block's dQ (SPARSE: as in `_fwd_inner`).
@@ -173,10 +187,14 @@ def _bwd_dq_inner(
                 allowed = allowed & (cols[None, :] <= offs_m[:, None] + causal_shift)
             p = tl.where(allowed, p, 0.0)
         dp = tl.dot(do, vT)
-        if HAS_DROPOUT:
-            dp = dropped(dp, dropout_keep(seed, bh, offs_m, start_n, drop_threshold, BLOCK_N), drop_threshold)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq)
+        if DROPOUT_MODE:
+            # dS = P * (Z * dP - D): P * dP - P * D where kept, -P * D where dropped (16-bit select).
+            p_d = p * -delta[:, None]
+            x = dropout_bits(seed, bh, offs_m, start_n, BLOCK_N)
+            ds = dropout_select(x, drop_bound, (p * dp + p_d).to(kT.dtype), p_d.to(kT.dtype), DROPOUT_MODE)
+        else:
+            ds = (p * (dp - delta[:, None])).to(kT.dtype)
+        dq = tl.dot(ds, tl.trans(kT), dq)
     return dq
 
 
@@ -229,11 +247,11 @@ def _prune_dkdv(configs, named_args, **kwargs):
     """`_prune_bwd`; with dropout ((queries x keys) tiles) also BLOCK_M >= 64, where all four products
     are Hopper wgmma: at 32 x 128 with 8 warps Triton 3.6 computed a wrong dK in that orientation
     (`test_gpu_dropout_backward_every_tile`)."""
-    dropout = kwargs.get("HAS_DROPOUT", named_args.get("HAS_DROPOUT"))
+    dropout = kwargs.get("DROPOUT_MODE", named_args.get("DROPOUT_MODE"))
     return _prune_bwd(configs, named_args, 64 if dropout and not interpreting() else 0, **kwargs)
 
 
-_BWD_KEY = ["HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT", "IS_VARLEN", "IS_SPARSE", "Q_BUCKET", "K_BUCKET"]
+_BWD_KEY = ["HEAD_DIM", "IS_CAUSAL", "DROPOUT_MODE", "IS_VARLEN", "IS_SPARSE", "Q_BUCKET", "K_BUCKET"]
 
 
 @triton.autotune(
@@ -242,15 +260,15 @@ _BWD_KEY = ["HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT", "IS_VARLEN", "IS_SPARSE", "Q
     prune_configs_by={"early_config_prune": _prune_dkdv},
     do_bench=bench_config,
 )
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, CuQ, CuK, SparseIdx, SparseCnt,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
     stride_lb, stride_lh, stride_lt, sparse_heads, sparse_nk, sparse_nq,
-    seqlen_q, seqlen_k, nheads_k, gqa_group, qk_scale, sm_scale, seed, drop_threshold, drop_scale,
+    seqlen_q, seqlen_k, nheads_k, gqa_group, qk_scale, sm_scale, seed, drop_bound, drop_scale,
     Q_BUCKET, K_BUCKET,
-    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, IS_SPARSE: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, DROPOUT_MODE: tl.constexpr, IS_VARLEN: tl.constexpr, IS_SPARSE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPARSE_BLOCK_SIZE: tl.constexpr, SPARSE_MASKED: tl.constexpr,
 ):  # fmt: skip
@@ -305,24 +323,24 @@ def _bwd_dkdv_kernel(
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
                 start_n, offs_n, offs_d, 0, count * SPARSE_BLOCK_SIZE, seqlen_q, causal_shift, qk_scale, seed, bh,
-                drop_threshold, keep_prob, SparseIdx + col * sparse_nq,
-                SPARSE_MASKED, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, True,
+                drop_bound, keep_prob, SparseIdx + col * sparse_nq,
+                SPARSE_MASKED, IS_CAUSAL, DROPOUT_MODE, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, True,
             )  # fmt: skip
         else:
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
                 start_n, offs_n, offs_d, lo, tl.minimum(mid, q_ceil), seqlen_q, causal_shift, qk_scale, seed, bh,
-                drop_threshold, keep_prob, Q, True, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False,
+                drop_bound, keep_prob, Q, True, IS_CAUSAL, DROPOUT_MODE, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False,
             )  # fmt: skip
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
                 start_n, offs_n, offs_d, mid, full_end, seqlen_q, causal_shift, qk_scale, seed, bh,
-                drop_threshold, keep_prob, Q, False, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False,
+                drop_bound, keep_prob, Q, False, IS_CAUSAL, DROPOUT_MODE, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False,
             )  # fmt: skip
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
                 start_n, offs_n, offs_d, tl.maximum(mid, full_end), seqlen_q, seqlen_q, causal_shift, qk_scale, seed,
-                bh, drop_threshold, keep_prob, Q, True, IS_CAUSAL, HAS_DROPOUT, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False,
+                bh, drop_bound, keep_prob, Q, True, IS_CAUSAL, DROPOUT_MODE, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False,
             )  # fmt: skip
     _store_dkdv(
         DK + dk_off + hk * stride_dkh, DV + dv_off + hk * stride_dvh, dk * (sm_scale * drop_scale),
@@ -354,15 +372,15 @@ def _dq_configs() -> list:
     prune_configs_by={"early_config_prune": _prune_bwd},
     do_bench=bench_config,
 )
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ, CuQ, CuK, SparseIdx, SparseCnt,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
     stride_lb, stride_lh, stride_lt, sparse_heads, sparse_nq, sparse_nk,
-    seqlen_q, seqlen_k, nheads, gqa_group, qk_scale, sm_scale, seed, drop_threshold, drop_scale,
+    seqlen_q, seqlen_k, nheads, gqa_group, qk_scale, sm_scale, seed, drop_bound, drop_scale,
     Q_BUCKET, K_BUCKET,
-    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, IS_SPARSE: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, DROPOUT_MODE: tl.constexpr, IS_VARLEN: tl.constexpr, IS_SPARSE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPARSE_BLOCK_SIZE: tl.constexpr, SPARSE_MASKED: tl.constexpr,
 ):  # fmt: skip
@@ -405,8 +423,8 @@ def _bwd_dq_kernel(
         count = tl.load(SparseCnt + row)
         dq = _bwd_dq_inner(
             dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, count * SPARSE_BLOCK_SIZE,
-            seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold, SparseIdx + row * sparse_nk,
-            SPARSE_MASKED, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D, True,
+            seqlen_k, causal_shift, qk_scale, seed, bh, drop_bound, SparseIdx + row * sparse_nk,
+            SPARSE_MASKED, IS_CAUSAL, DROPOUT_MODE, BLOCK_N, HEAD_DIM, BLOCK_D, True,
         )  # fmt: skip
     else:
         if IS_CAUSAL:
@@ -420,13 +438,13 @@ def _bwd_dq_kernel(
             full_hi = seqlen_k // BLOCK_N * BLOCK_N
         dq = _bwd_dq_inner(
             dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, full_hi,
-            seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold, K,
-            False, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D, False,
+            seqlen_k, causal_shift, qk_scale, seed, bh, drop_bound, K,
+            False, IS_CAUSAL, DROPOUT_MODE, BLOCK_N, HEAD_DIM, BLOCK_D, False,
         )  # fmt: skip
         dq = _bwd_dq_inner(
             dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, full_hi, hi,
-            seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold, K,
-            True, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D, False,
+            seqlen_k, causal_shift, qk_scale, seed, bh, drop_bound, K,
+            True, IS_CAUSAL, DROPOUT_MODE, BLOCK_N, HEAD_DIM, BLOCK_D, False,
         )  # fmt: skip
     dq = dq * (sm_scale * drop_scale)
     tl.store(
@@ -468,15 +486,15 @@ def short_bwd_tiles(head_dim: int, max_seqlen_k: int) -> tuple[int, int, int] | 
     return block_m, block_n, num_warps
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _bwd_short_kernel(
     Q, K, V, Out, DO, Lse, DLse, DQ, DK, DV, CuQ, CuK,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh,
     stride_dqb, stride_dqt, stride_dqh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
     stride_lb, stride_lh, stride_lt,
-    seqlen_q, seqlen_k, nheads_k, gqa_group, qk_scale, sm_scale, seed, drop_threshold, drop_scale,
-    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr,
+    seqlen_q, seqlen_k, nheads_k, gqa_group, qk_scale, sm_scale, seed, drop_bound, drop_scale,
+    IS_CAUSAL: tl.constexpr, DROPOUT_MODE: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """dQ, dK and dV of one (batch, kv head) whose keys all fit in one block (seqlen_k <= BLOCK_N).
@@ -556,10 +574,10 @@ def _bwd_short_kernel(
             pT = tl.where(allowed, pT, 0.0)
             dpT = tl.dot(v, tl.trans(do))
             # Dropout folded in as in `_bwd_dkdv_inner`: unscaled masks here, 1 / keep_prob at the end.
-            if HAS_DROPOUT:
-                keepT = tl.trans(dropout_keep(seed, bh, offs_m, 0, drop_threshold, BLOCK_N))
-                dv = tl.dot(dropped(pT, keepT, drop_threshold).to(do.dtype), do, dv)
-                dpT = dropped(dpT, keepT, drop_threshold)
+            if DROPOUT_MODE:
+                keepT = tl.trans(dropout_keep(seed, bh, offs_m, 0, drop_bound, BLOCK_N, DROPOUT_MODE))
+                dv = tl.dot(tl.where(keepT, pT, 0.0).to(do.dtype), do, dv)
+                dpT = tl.where(keepT, dpT, 0.0)
                 delta = delta * keep_prob
             else:
                 dv = tl.dot(pT.to(do.dtype), do, dv)

@@ -28,6 +28,9 @@ LN2_C: tl.constexpr = tl.constexpr(0.6931471805599453)
 # Block size of block-sparse masks: a mask entry covers SPARSE_BLOCK queries x SPARSE_BLOCK keys.
 SPARSE_BLOCK = 128
 SPARSE_BLOCK_C: tl.constexpr = tl.constexpr(SPARSE_BLOCK)
+# Kernel arguments that stay runtime values: Triton would otherwise compile other variants of a kernel for
+# integers equal to 1 or divisible by 16 (a new compile for 1 in 16 dropout seeds).
+NO_SPECIALIZE = ["seed", "drop_bound"]
 
 
 def interpreting() -> bool:
@@ -46,27 +49,101 @@ def bench_config(kernel_call, quantiles):
     return triton.testing.do_bench_cudagraph(kernel_call, quantiles=quantiles)
 
 
+# Dropout decisions compare 16-bit random numbers, read as float16 bit patterns, with a bound
+# (`kernels.attention.dropout_params`). The patterns 0 .. 0x7C00 encode +0 .. +inf in increasing order, so
+# one packed float16 comparison (`set.f16x2`) decides two elements at once. DROPOUT_MODE 1 drops a
+# number x when bound <= x <= 0x7C00 (dropout_p up to 0.484); mode 2 also drops the 2046 NaN patterns
+# (dropout_p up to 0.516); mode 3 keeps exactly the numbers mode 1 would drop (larger dropout_p).
+F16_INF: tl.constexpr = tl.constexpr(0x7C00)
+
+
+def dropout_params(dropout_p: float) -> tuple[int, int, float]:
+    """(DROPOUT_MODE, bound, output scale) for the kernels' dropout (see F16_INF).
+
+    The drop count T = round(dropout_p * 65536) of the 65536 16-bit numbers is exact to 2^-17: mode 1
+    drops the T numbers bound .. 0x7C00, mode 2 adds the 2046 NaN patterns, mode 3 keeps 65536 - T.
+    T = 33791 alone is out of reach and becomes 33790 (dropout_p off by 2^-16 at 0.5156).
+    """
+    if dropout_p == 0:
+        return 0, 0, 1.0
+    t = int(round(dropout_p * 65536))
+    if t <= 0x7C00:
+        mode, bound = 1, 0x7C01 - t
+    elif t <= 33791:
+        mode, bound = 2, max(33791 - t, 1)
+    else:
+        mode, bound = 3, t - 33791
+    return mode, bound, 1.0 / (1.0 - dropout_p)
+
+
+def _select_asm(compare: str, n: int) -> str:
+    """PTX for n selects under one packed comparison: $i = (x >= bound) ? second_i : first_i, per half.
+
+    Operands: n outputs, then x (2 packed numbers), bound (packed twice), then (first_i, second_i) pairs.
+    `lop3` with table 0xD8 is (a & ~m) | (b & m): the mask m is 0xFFFF in the halves that compare true.
+    """
+    x, bound = f"${n}", f"${n + 1}"
+    body = "".join(f"lop3.b32 ${i}, ${n + 2 + 2 * i}, ${n + 3 + 2 * i}, m, 0xD8; " for i in range(n))
+    return f"{{ .reg .b32 m; set.{compare}.u32.f16x2 m, {x}, {bound}; {body}}}"
+
+
+_SELECT_GE_1: tl.constexpr = tl.constexpr(_select_asm("ge", 1))
+_SELECT_GEU_1: tl.constexpr = tl.constexpr(_select_asm("geu", 1))
+_SELECT_GE_2: tl.constexpr = tl.constexpr(_select_asm("ge", 2))
+_SELECT_GEU_2: tl.constexpr = tl.constexpr(_select_asm("geu", 2))
+_INTERPRET: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+_PHILOX_M0: tl.constexpr = tl.constexpr(0xD2511F53)
+_PHILOX_M1: tl.constexpr = tl.constexpr(0xCD9E8D57)
+# One widening multiply gives both halves of a 32 x 32-bit product (umulhi and mul would take two).
+_MUL_WIDE_M0: tl.constexpr = tl.constexpr(
+    "{ .reg .b64 t; mul.wide.u32 t, $2, 0xD2511F53; mov.b64 {$1, $0}, t; }"
+)
+_MUL_WIDE_M1: tl.constexpr = tl.constexpr(
+    "{ .reg .b64 t; mul.wide.u32 t, $2, 0xCD9E8D57; mov.b64 {$1, $0}, t; }"
+)
+
+
 @triton.jit
-def dropout_keep(
-    seed, bh, rows, start_n, drop_threshold, BLOCK_N: tl.constexpr, ROUNDS: tl.constexpr = 7
-):  # fmt: skip
-    """Keep-mask (len(rows), BLOCK_N) for columns start_n .. start_n + BLOCK_N of head `bh`.
+def philox4x32(seed, c0, c1, c2, c3, ROUNDS: tl.constexpr):
+    """Philox4x32 with key (low, high words of seed) on uint32 counters: the same numbers as `tl.philox`."""
+    seed = seed.to(tl.uint64)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = (seed >> 32).to(tl.uint32)
+    for _ in tl.static_range(ROUNDS):
+        if _INTERPRET:
+            hi0, lo0 = tl.math.umulhi(c0, _PHILOX_M0), c0 * _PHILOX_M0
+            hi2, lo2 = tl.math.umulhi(c2, _PHILOX_M1), c2 * _PHILOX_M1
+        else:
+            hi0, lo0 = tl.inline_asm_elementwise(
+                _MUL_WIDE_M0, "=r,=r,r", [c0], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1
+            )
+            hi2, lo2 = tl.inline_asm_elementwise(
+                _MUL_WIDE_M1, "=r,=r,r", [c2], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1
+            )
+        c0, c1, c2, c3 = hi2 ^ c1 ^ k0, lo2, hi0 ^ c3 ^ k1, lo0
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0, c1, c2, c3
 
-    One Philox4x32-7 call (counter (16R + r, 4g + t, bh, 0), key = seed) decides 16 elements: rows
-    16R + r and 16R + r + 8 (r < 8) by columns 32g + 8j + 2t + e (j < 4, e < 2). These are the elements
-    one thread holds of a tensor-core accumulator tile (Hopper wgmma and Ampere mma.sync), so every mask
-    bit is made in the thread that applies it: no data moves between threads, whatever the tile shape.
-    The mask depends only on the element's position and the seed, never on the tiling.
 
-    Each element compares a 16-bit number with drop_threshold = round(dropout_p * 65536), so the drop
-    rate is dropout_p to within 2^-17. Word j of the call, with bytes (b3, b2, b1, b0), gives (b1, b0)
-    and (b3, b2) to the upper row's columns e = 0, 1 and (b0, b3), (b2, b1) to the lower row's: every
-    byte leads one number, so 8 random bits per element instead of 16 halve the Philox work, and two
-    elements interact only when a leading byte ties the threshold's (probability 1/256), so the drop
-    decisions of elements sharing a word correlate by 0.35% at dropout_p = 0.1 (the tests bound it by 1%).
-    A number is compared without being extracted: (b1, b0) >= T exactly when word << 16 >= T << 16, and a
-    rotation by 8 or 24 bits puts (b2, b1) or (b0, b3) on top. len(rows) and BLOCK_N must be multiples
-    of 16 and 32, starting at multiples of 16 and 32. ROUNDS (7) is lowered only by scripts/dropout_cost.py.
+@triton.jit
+def dropout_bits(seed, bh, rows, start_n, BLOCK_N: tl.constexpr, ROUNDS: tl.constexpr = 7):
+    """Random numbers (len(rows), BLOCK_N) uint16 for columns start_n .. start_n + BLOCK_N of head `bh`.
+
+    One Philox4x32-7 call (counter (16R + r, 4g + t, bh, 0), key = seed) makes the numbers of 16 elements:
+    rows 16R + r and 16R + r + 8 (r < 8) by columns 32g + 8j + 2t + e (j < 4, e < 2). These are the
+    elements one thread holds of a tensor-core accumulator tile (Hopper wgmma and Ampere mma.sync), so
+    every number is made in the thread that uses it: no data moves between threads, whatever the tile
+    shape. The numbers depend only on the element's position and the seed, never on the tiling.
+
+    Word j of the call, with bytes (b3, b2, b1, b0), gives (b1, b0) and (b3, b2) to the upper row's
+    columns e = 0, 1 and (b2, b1), (b0, b3) to the lower row's: every byte leads one number and trails
+    another, so 8 random bits per element. Two elements interact only when a leading byte ties the bound's
+    (probability ~1/256): their drop decisions correlate by 0.1% at dropout_p = 0.1 (the tests bound it by
+    1%). len(rows) and BLOCK_N must be multiples of 16 and 32, starting at multiples of 16 and 32.
+    ROUNDS (7) is lowered only by scripts/dropout_cost.py.
     """
     tl.static_assert(BLOCK_N % 32 == 0, "dropout needs key tiles that are a multiple of 32")
     M: tl.constexpr = rows.shape[0]
@@ -78,35 +155,97 @@ def dropout_keep(
     c2 = c0 * 0 + bh
     # The row and head go into the two words Philox's first round multiplies: when the rows stay fixed
     # over a key loop, the compiler hoists part of the first three rounds out of it.
-    r0, r1, r2, r3 = tl.philox(
+    r0, r1, r2, r3 = philox4x32(
         seed, c0.to(tl.uint32), c1.to(tl.uint32), c2.to(tl.uint32), c2.to(tl.uint32) * 0, ROUNDS
     )
-    t16 = drop_threshold.to(tl.uint32) << 16
-    k_up = tl.join(
-        tl.join(tl.join(r0 << 16 >= t16, r0 >= t16), tl.join(r1 << 16 >= t16, r1 >= t16)),
-        tl.join(tl.join(r2 << 16 >= t16, r2 >= t16), tl.join(r3 << 16 >= t16, r3 >= t16)),
-    )  # (R, r, g, t, e, j % 2, j // 2)
-    k_lo = tl.join(
+    r0r = (r0 >> 8) | (r0 << 24)
+    r1r = (r1 >> 8) | (r1 << 24)
+    r2r = (r2 >> 8) | (r2 << 24)
+    r3r = (r3 >> 8) | (r3 << 24)
+    x_up = tl.join(
         tl.join(
-            tl.join((r0 >> 8) | (r0 << 24) >= t16, (r0 << 8) | (r0 >> 24) >= t16),
-            tl.join((r1 >> 8) | (r1 << 24) >= t16, (r1 << 8) | (r1 >> 24) >= t16),
+            tl.join(r0.to(tl.uint16), (r0 >> 16).to(tl.uint16)),
+            tl.join(r1.to(tl.uint16), (r1 >> 16).to(tl.uint16)),
         ),
         tl.join(
-            tl.join((r2 >> 8) | (r2 << 24) >= t16, (r2 << 8) | (r2 >> 24) >= t16),
-            tl.join((r3 >> 8) | (r3 << 24) >= t16, (r3 << 8) | (r3 >> 24) >= t16),
+            tl.join(r2.to(tl.uint16), (r2 >> 16).to(tl.uint16)),
+            tl.join(r3.to(tl.uint16), (r3 >> 16).to(tl.uint16)),
+        ),
+    )  # (R, r, g, t, e, j % 2, j // 2)
+    x_lo = tl.join(
+        tl.join(
+            tl.join(r0r.to(tl.uint16), (r0r >> 16).to(tl.uint16)),
+            tl.join(r1r.to(tl.uint16), (r1r >> 16).to(tl.uint16)),
+        ),
+        tl.join(
+            tl.join(r2r.to(tl.uint16), (r2r >> 16).to(tl.uint16)),
+            tl.join(r3r.to(tl.uint16), (r3r >> 16).to(tl.uint16)),
         ),
     )
-    keep = tl.join(k_up, k_lo)  # (R, r, g, t, e, j % 2, j // 2, h)
-    keep = tl.permute(keep, (0, 7, 1, 2, 6, 5, 3, 4))  # (R, h, r, g, j // 2, j % 2, t, e)
-    return tl.reshape(keep, (M, BLOCK_N))
+    x = tl.join(x_up, x_lo)  # (R, r, g, t, e, j % 2, j // 2, h)
+    x = tl.permute(x, (0, 7, 1, 2, 6, 5, 3, 4))  # (R, h, r, g, j // 2, j % 2, t, e)
+    return tl.reshape(x, (M, BLOCK_N))
 
 
 @triton.jit
-def dropped(x, keep, drop_threshold):
-    """x where keep, else 0. The 0 is computed from drop_threshold (< 65536, so >> 16 gives 0) rather than
-    written as a constant: with a constant the compiler moves the select past the bf16 conversion that
-    follows, onto packed 16-bit pairs, which costs two extra byte permutes per pair."""
-    return tl.where(keep, x, (drop_threshold >> 16).to(x.dtype))
+def dropout_drops(x, bound, DROPOUT_MODE: tl.constexpr):
+    """True where the number x (from `dropout_bits`) drops its element (see F16_INF for the modes)."""
+    x = x.to(tl.int32)
+    inside = (x >= bound) & (x <= F16_INF)
+    if DROPOUT_MODE == 1:
+        return inside
+    elif DROPOUT_MODE == 2:
+        return inside | ((x & 0x7FFF) > F16_INF)
+    else:
+        return ~inside
+
+
+@triton.jit
+def dropout_keep(seed, bh, rows, start_n, bound, BLOCK_N: tl.constexpr, DROPOUT_MODE: tl.constexpr):
+    """Keep-mask (len(rows), BLOCK_N) bool of columns start_n .. start_n + BLOCK_N of head `bh`."""
+    return ~dropout_drops(dropout_bits(seed, bh, rows, start_n, BLOCK_N), bound, DROPOUT_MODE)
+
+
+@triton.jit
+def dropout_select(x, bound, kept, dropped, DROPOUT_MODE: tl.constexpr):
+    """`kept` where the number x keeps its element, else `dropped` (16-bit float tensors of x's shape).
+
+    On the GPU one packed comparison and one bitwise select serve two elements (`_select_asm`).
+    """
+    if _INTERPRET:
+        return tl.where(dropout_drops(x, bound, DROPOUT_MODE), dropped, kept)
+    else:
+        bound = tl.full(x.shape, 0, tl.uint16) + bound.to(tl.uint16)
+        if DROPOUT_MODE == 3:
+            kept, dropped = dropped, kept
+        if DROPOUT_MODE == 2:
+            asm: tl.constexpr = _SELECT_GEU_1
+        else:
+            asm: tl.constexpr = _SELECT_GE_1
+        return tl.inline_asm_elementwise(
+            asm, "=r,r,r,r,r", [x, bound, kept, dropped], dtype=kept.dtype, is_pure=True, pack=2
+        )
+
+
+@triton.jit
+def dropout_select2(x, bound, kept0, dropped0, kept1, dropped1, DROPOUT_MODE: tl.constexpr):
+    """`dropout_select` of two pairs of tensors under the same numbers: one comparison for both."""
+    if _INTERPRET:
+        drops = dropout_drops(x, bound, DROPOUT_MODE)
+        return tl.where(drops, dropped0, kept0), tl.where(drops, dropped1, kept1)
+    else:
+        bound = tl.full(x.shape, 0, tl.uint16) + bound.to(tl.uint16)
+        if DROPOUT_MODE == 3:
+            kept0, dropped0 = dropped0, kept0
+            kept1, dropped1 = dropped1, kept1
+        if DROPOUT_MODE == 2:
+            asm: tl.constexpr = _SELECT_GEU_2
+        else:
+            asm: tl.constexpr = _SELECT_GE_2
+        return tl.inline_asm_elementwise(
+            asm, "=r,=r,r,r,r,r,r,r", [x, bound, kept0, dropped0, kept1, dropped1],
+            dtype=(kept0.dtype, kept1.dtype), is_pure=True, pack=2,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -140,8 +279,8 @@ def sparse_position(sparse_idx, it):
 @triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
-    offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold, sparse_idx,
-    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale, seed, bh, drop_bound, sparse_idx,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT_MODE: tl.constexpr,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPARSE: tl.constexpr,
 ):  # fmt: skip
     """Fold keys lo .. hi (multiples of BLOCK_N, except hi when MASKED) into (acc, l_i, m_i).
@@ -182,15 +321,17 @@ def _fwd_inner(
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if HAS_DROPOUT:
-            p = dropped(p, dropout_keep(seed, bh, offs_m, start_n, drop_threshold, BLOCK_N), drop_threshold)
+        p = p.to(q.dtype)
+        if DROPOUT_MODE:
+            x = dropout_bits(seed, bh, offs_m, start_n, BLOCK_N)
+            p = dropout_select(x, drop_bound, p, tl.zeros_like(p), DROPOUT_MODE)
         if MASKED:
             v = tl.load(v_ptrs, mask=(cols[:, None] < seqlen_k) & d_ok[None, :], other=0.0)
         elif BLOCK_D != HEAD_DIM:
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         else:
             v = tl.load(v_ptrs)
-        acc = tl.dot(p.to(v.dtype), v, acc)
+        acc = tl.dot(p, v, acc)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -231,19 +372,19 @@ def _prune_fwd(configs, named_args, **kwargs):
 
 @triton.autotune(
     configs=_fwd_configs(),
-    key=["HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT", "IS_VARLEN", "IS_SPARSE", "Q_BUCKET", "K_BUCKET"],
+    key=["HEAD_DIM", "IS_CAUSAL", "DROPOUT_MODE", "IS_VARLEN", "IS_SPARSE", "Q_BUCKET", "K_BUCKET"],
     prune_configs_by={"early_config_prune": _prune_fwd},
     do_bench=bench_config,
 )
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _fwd_kernel(
     Q, K, V, Out, Lse, CuQ, CuK, SparseIdx, SparseCnt,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
     stride_lb, stride_lh, stride_lt, sparse_heads, sparse_nq, sparse_nk,
-    seqlen_q, seqlen_k, nheads, gqa_group, qk_scale, seed, drop_threshold, drop_scale,
+    seqlen_q, seqlen_k, nheads, gqa_group, qk_scale, seed, drop_bound, drop_scale,
     Q_BUCKET, K_BUCKET,
-    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, IS_SPARSE: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, DROPOUT_MODE: tl.constexpr, IS_VARLEN: tl.constexpr, IS_SPARSE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPARSE_BLOCK_SIZE: tl.constexpr, SPARSE_MASKED: tl.constexpr,
 ):  # fmt: skip
@@ -281,8 +422,8 @@ def _fwd_kernel(
         count = tl.load(SparseCnt + row)
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, count * SPARSE_BLOCK_SIZE,
-            seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold, SparseIdx + row * sparse_nk,
-            SPARSE_MASKED, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D, True,
+            seqlen_k, causal_shift, qk_scale, seed, bh, drop_bound, SparseIdx + row * sparse_nk,
+            SPARSE_MASKED, IS_CAUSAL, DROPOUT_MODE, BLOCK_N, HEAD_DIM, BLOCK_D, True,
         )  # fmt: skip
     else:
         # Keys [0, full_hi) need no mask; [full_hi, hi) hold the causal diagonal and the ragged end.
@@ -298,13 +439,13 @@ def _fwd_kernel(
             full_hi = seqlen_k // BLOCK_N * BLOCK_N
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, full_hi,
-            seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold, K,
-            False, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D, False,
+            seqlen_k, causal_shift, qk_scale, seed, bh, drop_bound, K,
+            False, IS_CAUSAL, DROPOUT_MODE, BLOCK_N, HEAD_DIM, BLOCK_D, False,
         )  # fmt: skip
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, full_hi, hi,
-            seqlen_k, causal_shift, qk_scale, seed, bh, drop_threshold, K,
-            True, IS_CAUSAL, HAS_DROPOUT, BLOCK_N, HEAD_DIM, BLOCK_D, False,
+            seqlen_k, causal_shift, qk_scale, seed, bh, drop_bound, K,
+            True, IS_CAUSAL, DROPOUT_MODE, BLOCK_N, HEAD_DIM, BLOCK_D, False,
         )  # fmt: skip
 
     # Rows that saw no key (causal with seqlen_q > seqlen_k, empty sparse rows) output 0, lse = -inf.
@@ -323,16 +464,17 @@ def seqlen_bucket(n: int) -> int:
     return min(max(triton.next_power_of_2(max(n, 1)), 64), 16384)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _dropout_mask_kernel(
-    Mask, seed, drop_threshold, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
-):
+    Mask, seed, drop_bound, seqlen_q, seqlen_k,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT_MODE: tl.constexpr,
+):  # fmt: skip
     """Write the keep-mask of head `bh` = program_id(2) into Mask (batch * nheads, seqlen_q, seqlen_k)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     start_n = tl.program_id(1) * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     bh = tl.program_id(2)
-    keep = dropout_keep(seed, bh, offs_m, start_n, drop_threshold, BLOCK_N)
+    keep = dropout_keep(seed, bh, offs_m, start_n, drop_bound, BLOCK_N, DROPOUT_MODE)
     ptrs = Mask + bh.to(tl.int64) * seqlen_q * seqlen_k + offs_m[:, None] * seqlen_k + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k))
 
@@ -343,10 +485,15 @@ def dropout_mask(
     """The keep-mask the kernels apply for `seed`: (batch, nheads, seqlen_q, seqlen_k) bool (for tests).
 
     For varlen inputs, sequence b of the batch uses head index b * nheads + h and local positions.
+    It is computed by `dropout_keep`'s plain comparisons, not the kernels' packed ones, so tests that use
+    it also check the two against each other.
     """
+    mode, bound, _ = dropout_params(dropout_p)
+    if mode == 0:
+        return torch.ones((batch, nheads, seqlen_q, seqlen_k), dtype=torch.bool, device=device)
     mask = torch.empty((batch * nheads, seqlen_q, seqlen_k), dtype=torch.int8, device=device)
     grid = (triton.cdiv(seqlen_q, 32), triton.cdiv(seqlen_k, 32), batch * nheads)
     _dropout_mask_kernel[grid](
-        mask, seed, int(round(dropout_p * 65536)), seqlen_q, seqlen_k, BLOCK_M=32, BLOCK_N=32
+        mask, seed, bound, seqlen_q, seqlen_k, BLOCK_M=32, BLOCK_N=32, DROPOUT_MODE=mode
     )
     return mask.view(batch, nheads, seqlen_q, seqlen_k).bool()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 
 from kernels.flash_fwd import SPARSE_BLOCK
 
@@ -63,6 +64,45 @@ def local_global_block_mask(
     i, j = _block_grid(seqlen_q, seqlen_k, device)
     mask = ((i - j).abs() <= window_blocks) | (i < global_blocks) | (j < global_blocks)
     return mask[None]
+
+
+@triton.jit
+def _block_list_kernel(Mask, Idx, Cnt, n_rows, n_cols, stride_h, stride_r, stride_c, BLOCK: tl.constexpr):
+    """Row `program_id(0)` of head `program_id(1)`: the nonzero columns in increasing order, then the zero
+    ones (a stable sort by descending mask value), into Idx (heads, n_rows, n_cols); their count into Cnt."""
+    row = tl.program_id(0)
+    h = tl.program_id(1)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < n_cols
+    m = tl.load(Mask + h * stride_h + row * stride_r + cols * stride_c, mask=ok, other=0).to(tl.int32)
+    before = tl.cumsum(m, 0)  # nonzero columns up to and including this one
+    count = tl.sum(m, 0)
+    pos = tl.where(m != 0, before - 1, count + cols - before)
+    out = (h * n_rows + row).to(tl.int64)
+    tl.store(Idx + out * n_cols + pos, cols, mask=ok)
+    tl.store(Cnt + out, count)
+
+
+def block_sparse_lists(
+    block_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Index lists of a (h, n_q_blocks, n_k_blocks) bool block mask, built on its device in two launches.
+
+    Returns q2k_idx (h, nq, nk) int32 whose row (h, i) starts with the nonzero key blocks of query block
+    i in increasing order, q2k_cnt (h, nq) int32 their count, and k2q_idx (h, nk, nq) / k2q_cnt (h, nk)
+    the same for the transposed mask (used by the backward pass).
+    """
+    m = block_mask.view(torch.uint8)
+    h, nq, nk = m.shape
+    lists = []
+    for rows, cols, s_r, s_c in ((nq, nk, m.stride(1), m.stride(2)), (nk, nq, m.stride(2), m.stride(1))):
+        idx = torch.empty((h, rows, cols), dtype=torch.int32, device=m.device)
+        cnt = torch.empty((h, rows), dtype=torch.int32, device=m.device)
+        _block_list_kernel[(rows, h)](
+            m, idx, cnt, rows, cols, m.stride(0), s_r, s_c, BLOCK=triton.next_power_of_2(cols)
+        )
+        lists += [idx, cnt]
+    return tuple(lists)
 
 
 def unpad_input(

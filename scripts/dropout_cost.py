@@ -1,14 +1,14 @@
-"""Where does in-kernel dropout time go? Times our kernels with variants of `dropout_keep` swapped in.
+"""Where does in-kernel dropout time go? Times our kernels with variants of `dropout_bits` swapped in.
 
 Paper setting (batch 16, 8 heads, head dim 64, bf16, non-causal) at one sequence length; each variant runs
-in a fresh process (Triton resolves `dropout_keep` when it first compiles a kernel), with autotuning off
+in a fresh process (Triton resolves `dropout_bits` when it first compiles a kernel), with autotuning off
 so every variant uses the same tiles. Variants:
 
     nodrop      dropout_p = 0 (the baseline)
-    ours        the kernels' dropout_keep: one Philox4x32-7 call per 16 thread-owned elements
+    ours        the kernels' dropout_bits: one Philox4x32-7 call per 16 thread-owned elements
     ours0       the same with 0 Philox rounds: everything but the rounds
-    allkeep     a mask computed directly in the score tile's layout, all kept: the cost of applying a mask
-    hash_full   a cheap per-element hash in the tile's layout: mask application + a few integer ops
+    allkeep     numbers computed directly in the score tile's layout, all kept: the cost of the selects
+    hash_full   a cheap per-element hash in the tile's layout: the selects + a few integer ops
     contiguous  the first version: one call per 8 consecutive columns of a row, joined and reshaped into
                 the tile, which Triton moves between threads through shared memory
 
@@ -38,19 +38,19 @@ VARIANTS = ["nodrop", "ours", "ours0", "allkeep", "hash_full", "contiguous"]
 
 
 def variant_functions() -> dict:
-    from kernels.flash_fwd import dropout_keep
+    from kernels.flash_fwd import dropout_bits
 
     @triton.jit
-    def ours0(seed, bh, rows, start_n, drop_threshold, BLOCK_N: tl.constexpr):
-        return dropout_keep(seed, bh, rows, start_n, drop_threshold, BLOCK_N, 0)
+    def ours0(seed, bh, rows, start_n, BLOCK_N: tl.constexpr):
+        return dropout_bits(seed, bh, rows, start_n, BLOCK_N, 0)
 
     @triton.jit
-    def allkeep(seed, bh, rows, start_n, drop_threshold, BLOCK_N: tl.constexpr):
+    def allkeep(seed, bh, rows, start_n, BLOCK_N: tl.constexpr):
         cols = start_n + tl.arange(0, BLOCK_N)
-        return (rows[:, None] + cols[None, :]) >= -drop_threshold
+        return ((rows[:, None] + cols[None, :]) * 0).to(tl.uint16)  # 0 is below every bound: kept
 
     @triton.jit
-    def hash_full(seed, bh, rows, start_n, drop_threshold, BLOCK_N: tl.constexpr):
+    def hash_full(seed, bh, rows, start_n, BLOCK_N: tl.constexpr):
         cols = start_n + tl.arange(0, BLOCK_N)
         x = (
             rows[:, None].to(tl.uint32) * 0x9E3779B1
@@ -58,10 +58,10 @@ def variant_functions() -> dict:
             + bh.to(tl.uint32)
         )
         x = (x ^ (x >> 15)) * 0x2C1B3C6D
-        return (x >> 16) >= drop_threshold
+        return (x >> 16).to(tl.uint16)
 
     @triton.jit
-    def contiguous(seed, bh, rows, start_n, drop_threshold, BLOCK_N: tl.constexpr):
+    def contiguous(seed, bh, rows, start_n, BLOCK_N: tl.constexpr):
         groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)
         c0 = groups[None, :] + rows[:, None] * 0
         c1 = rows[:, None] + groups[None, :] * 0
@@ -71,7 +71,7 @@ def variant_functions() -> dict:
         )
         lo = tl.join(tl.join(r0 & 0xFFFF, r0 >> 16), tl.join(r1 & 0xFFFF, r1 >> 16))
         hi = tl.join(tl.join(r2 & 0xFFFF, r2 >> 16), tl.join(r3 & 0xFFFF, r3 >> 16))
-        return tl.reshape(tl.join(lo, hi), (rows.shape[0], BLOCK_N)) >= drop_threshold
+        return tl.reshape(tl.join(lo, hi), (rows.shape[0], BLOCK_N)).to(tl.uint16)
 
     return dict(ours0=ours0, allkeep=allkeep, hash_full=hash_full, contiguous=contiguous)
 
@@ -85,8 +85,8 @@ def measure(variant: str, n: int) -> dict:
 
     fn = variant_functions().get(variant)
     if fn is not None:
-        kernels.flash_fwd.dropout_keep = fn
-        kernels.flash_bwd.dropout_keep = fn
+        kernels.flash_fwd.dropout_bits = fn
+        kernels.flash_bwd.dropout_bits = fn
     p = 0.0 if variant == "nodrop" else 0.1
     torch.manual_seed(0)
     q, k, v = (
@@ -112,12 +112,12 @@ def inspect(variants: list[str]) -> None:
     import kernels.flash_bwd
     import kernels.flash_fwd
 
-    original = kernels.flash_fwd.dropout_keep
-    flags = dict(IS_CAUSAL=False, HAS_DROPOUT=True, IS_VARLEN=False)
+    original = kernels.flash_fwd.dropout_bits
+    flags = dict(IS_CAUSAL=False, DROPOUT_MODE=1, IS_VARLEN=False)
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas-blackwell"
     for variant in variants:
-        fn_keep = variant_functions().get(variant, original)
-        kernels.flash_fwd.dropout_keep = kernels.flash_bwd.dropout_keep = fn_keep
+        fn_bits = variant_functions().get(variant, original)
+        kernels.flash_fwd.dropout_bits = kernels.flash_bwd.dropout_bits = fn_bits
         for name, (fn, tiles, warps, stages) in first_configs(dropout=True).items():
             k = compile_kernel(fn, {**flags, **tiles}, 90, warps, stages)
             converts = k.asm["ttgir"].count("ttg.convert_layout")
@@ -131,7 +131,7 @@ def inspect(variants: list[str]) -> None:
                     re.findall(r"Used \d+ registers|\d+ bytes spill stores", log.stdout + log.stderr)
                 )
             print(f"{variant:10s} {name:20s} convert_layout x{converts:<3d} {usage}", flush=True)
-        kernels.flash_fwd.dropout_keep = kernels.flash_bwd.dropout_keep = original
+        kernels.flash_fwd.dropout_bits = kernels.flash_bwd.dropout_bits = original
 
 
 def main() -> None:
@@ -145,7 +145,7 @@ def main() -> None:
     if args.inspect_child:
         inspect([args.inspect_child])
         return
-    if args.inspect:  # one process per variant: Triton resolves dropout_keep once per process
+    if args.inspect:  # one process per variant: Triton resolves dropout_bits once per process
         for variant in args.variants.split(","):
             if variant != "nodrop":
                 r = subprocess.run(

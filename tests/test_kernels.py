@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import triton
+import triton.language as tl
 
 import kernels.flash_bwd as bwd_module
 from kernels import (
@@ -34,7 +35,8 @@ from kernels import (
 )
 from kernels.attention import draw_seed, flash_bwd, flash_fwd
 from kernels.flash_bwd import short_bwd_tiles
-from kernels.flash_fwd import dropout_mask
+from kernels.flash_fwd import dropout_drops, dropout_mask, dropout_params, dropout_select, philox4x32
+from kernels.masks import block_sparse_lists
 from kernels.reference import block_mask_to_dense
 
 CUDA = torch.cuda.is_available()
@@ -230,6 +232,23 @@ def test_block_sparse_matches_masked_float64(causal):
     )  # fmt: skip
 
 
+def test_block_sparse_lists_match_a_stable_sort():
+    """Each row lists its nonzero blocks in increasing order, then the zero ones, as a stable sort would."""
+    gen = torch.Generator().manual_seed(3)
+    masks = [
+        torch.rand(3, 5, 9, generator=gen) < 0.3,
+        butterfly_block_mask(1000, 700),
+        torch.zeros(2, 3, 4) > 0,
+    ]
+    for mask in masks:
+        mask = mask.to(DEVICE)
+        got = block_sparse_lists(mask)
+        m = mask.to(torch.int8)
+        for idx, cnt, mm in zip(got[::2], got[1::2], (m, m.transpose(1, 2)), strict=True):
+            ref = torch.sort(mm, dim=-1, descending=True, stable=True).indices
+            assert torch.equal(idx.long(), ref) and torch.equal(cnt, mm.sum(-1, dtype=torch.int32))
+
+
 def test_block_mask_generators():
     m = butterfly_block_mask(4096)
     assert m.shape == (1, 32, 32) and m.dtype == torch.bool
@@ -298,6 +317,58 @@ def test_dropout_kept_fraction_within_binomial_bounds():
     for name, (a, b) in pairs.items():
         corr = ((a * b).mean() - a.mean() * b.mean()) / (p * (1 - p))
         assert abs(corr) < 0.01, (name, corr.item())
+
+
+@triton.jit(do_not_specialize=["bound"])
+def _dropout_numbers_kernel(Out, Plain, bound, DROPOUT_MODE: tl.constexpr):
+    """For the 16-bit numbers pid * 1024 .. + 1023: 1 where the kernels' select keeps, and the plain rule."""
+    x = (tl.program_id(0) * 1024 + tl.arange(0, 1024)).to(tl.uint16)
+    ones = tl.full([1024], 1.0, tl.float16)
+    kept = dropout_select(x, bound, ones, ones * 0, DROPOUT_MODE)
+    tl.store(Out + tl.program_id(0) * 1024 + tl.arange(0, 1024), kept)
+    plain = ~dropout_drops(x, bound, DROPOUT_MODE)
+    tl.store(Plain + tl.program_id(0) * 1024 + tl.arange(0, 1024), plain.to(tl.int8))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.4844, 0.49, 0.5156, 0.52, 0.9, 0.999, 1 - 2**-17])
+def test_dropout_drops_exactly_round_p_times_65536_numbers(p):
+    """Each mode of dropout_params drops exactly round(p * 65536) of the 65536 numbers (33791 -> 33790),
+    and the packed comparison the kernels use (on the GPU) agrees with the plain rule on every number."""
+    mode, bound, _ = dropout_params(p)
+    kept = torch.empty(65536, dtype=torch.float16, device=DEVICE)
+    plain = torch.empty(65536, dtype=torch.int8, device=DEVICE)
+    _dropout_numbers_kernel[(64,)](kept, plain, bound, DROPOUT_MODE=mode)
+    t = round(p * 65536)
+    assert 65536 - int(kept.float().sum().item()) == (33790 if t == 33791 else t), (p, mode, bound)
+    assert torch.equal(kept.to(torch.int8), plain)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _philox_kernel(C, Out, Ref, seed):
+    offs = tl.arange(0, 256)
+    c0 = tl.load(C + offs).to(tl.uint32)
+    c1 = tl.load(C + 256 + offs).to(tl.uint32)
+    c2 = tl.load(C + 512 + offs).to(tl.uint32)
+    c3 = tl.load(C + 768 + offs).to(tl.uint32)
+    a0, a1, a2, a3 = philox4x32(seed, c0, c1, c2, c3, 7)
+    b0, b1, b2, b3 = tl.philox(seed, c0, c1, c2, c3, 7)
+    tl.store(Out + offs, a0.to(tl.int64))
+    tl.store(Out + 256 + offs, a1.to(tl.int64))
+    tl.store(Out + 512 + offs, a2.to(tl.int64))
+    tl.store(Out + 768 + offs, a3.to(tl.int64))
+    tl.store(Ref + offs, b0.to(tl.int64))
+    tl.store(Ref + 256 + offs, b1.to(tl.int64))
+    tl.store(Ref + 512 + offs, b2.to(tl.int64))
+    tl.store(Ref + 768 + offs, b3.to(tl.int64))
+
+
+def test_philox_matches_triton():
+    """The kernels' Philox4x32-7 (widening multiplies on the GPU) gives tl.philox's numbers."""
+    gen = torch.Generator().manual_seed(5)
+    c = torch.randint(0, 2**32, (4, 256), generator=gen, dtype=torch.int64).to(torch.int32).to(DEVICE)
+    out, ref = (torch.empty(4, 256, dtype=torch.int64, device=DEVICE) for _ in range(2))
+    _philox_kernel[(1,)](c, out, ref, 0x123456789ABCDEF)
+    assert torch.equal(out, ref)
 
 
 def test_every_output_element_is_written(bwd_path):
@@ -561,7 +632,7 @@ def test_gpu_dropout_backward_every_tile(d, monkeypatch):
     kernel = bwd_module._bwd_dkdv_kernel
     with monkeypatch.context() as m:
         m.setenv("FLASHREPRO_AUTOTUNE", "1")  # every tile autotuning may pick, not only the first
-        tiles = bwd_module._prune_dkdv(kernel.configs, {}, HEAD_DIM=d, HAS_DROPOUT=True)
+        tiles = bwd_module._prune_dkdv(kernel.configs, {}, HEAD_DIM=d, DROPOUT_MODE=1)
     assert tiles and all(c.kwargs["BLOCK_M"] >= 64 for c in tiles)
     b, n, h, hk, p = 2, 333, 4, 2, 0.1
     q, k, v, dout = rand(b, n, h, d, dtype=torch.bfloat16), rand(b, n, hk, d, dtype=torch.bfloat16), \
