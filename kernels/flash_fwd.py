@@ -91,7 +91,7 @@ _SELECT_GE_1: tl.constexpr = tl.constexpr(_select_asm("ge", 1))
 _SELECT_GEU_1: tl.constexpr = tl.constexpr(_select_asm("geu", 1))
 _SELECT_GE_2: tl.constexpr = tl.constexpr(_select_asm("ge", 2))
 _SELECT_GEU_2: tl.constexpr = tl.constexpr(_select_asm("geu", 2))
-_INTERPRET: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+_INTERPRET: tl.constexpr = tl.constexpr(interpreting())
 
 
 _PHILOX_M0: tl.constexpr = tl.constexpr(0xD2511F53)
@@ -129,6 +129,22 @@ def philox4x32(seed, c0, c1, c2, c3, ROUNDS: tl.constexpr):
 
 
 @triton.jit
+def _rotr8(r):
+    """Word (b3, b2, b1, b0) -> (b0, b3, b2, b1)."""
+    return (r >> 8) | (r << 24)
+
+
+@triton.jit
+def _split16(r0, r1, r2, r3):
+    """The low (e = 0) and high (e = 1) 16 bits of words j = 0..3, shape (..., e, j % 2, j // 2)."""
+    h0 = tl.join(r0.to(tl.uint16), (r0 >> 16).to(tl.uint16))
+    h1 = tl.join(r1.to(tl.uint16), (r1 >> 16).to(tl.uint16))
+    h2 = tl.join(r2.to(tl.uint16), (r2 >> 16).to(tl.uint16))
+    h3 = tl.join(r3.to(tl.uint16), (r3 >> 16).to(tl.uint16))
+    return tl.join(tl.join(h0, h1), tl.join(h2, h3))
+
+
+@triton.jit
 def dropout_bits(seed, bh, rows, start_n, BLOCK_N: tl.constexpr, ROUNDS: tl.constexpr = 7):
     """Random numbers (len(rows), BLOCK_N) uint16 for columns start_n .. start_n + BLOCK_N of head `bh`.
 
@@ -158,30 +174,9 @@ def dropout_bits(seed, bh, rows, start_n, BLOCK_N: tl.constexpr, ROUNDS: tl.cons
     r0, r1, r2, r3 = philox4x32(
         seed, c0.to(tl.uint32), c1.to(tl.uint32), c2.to(tl.uint32), c2.to(tl.uint32) * 0, ROUNDS
     )
-    r0r = (r0 >> 8) | (r0 << 24)
-    r1r = (r1 >> 8) | (r1 << 24)
-    r2r = (r2 >> 8) | (r2 << 24)
-    r3r = (r3 >> 8) | (r3 << 24)
-    x_up = tl.join(
-        tl.join(
-            tl.join(r0.to(tl.uint16), (r0 >> 16).to(tl.uint16)),
-            tl.join(r1.to(tl.uint16), (r1 >> 16).to(tl.uint16)),
-        ),
-        tl.join(
-            tl.join(r2.to(tl.uint16), (r2 >> 16).to(tl.uint16)),
-            tl.join(r3.to(tl.uint16), (r3 >> 16).to(tl.uint16)),
-        ),
-    )  # (R, r, g, t, e, j % 2, j // 2)
-    x_lo = tl.join(
-        tl.join(
-            tl.join(r0r.to(tl.uint16), (r0r >> 16).to(tl.uint16)),
-            tl.join(r1r.to(tl.uint16), (r1r >> 16).to(tl.uint16)),
-        ),
-        tl.join(
-            tl.join(r2r.to(tl.uint16), (r2r >> 16).to(tl.uint16)),
-            tl.join(r3r.to(tl.uint16), (r3r >> 16).to(tl.uint16)),
-        ),
-    )
+    r0r, r1r, r2r, r3r = _rotr8(r0), _rotr8(r1), _rotr8(r2), _rotr8(r3)
+    x_up = _split16(r0, r1, r2, r3)  # (R, r, g, t, e, j % 2, j // 2)
+    x_lo = _split16(r0r, r1r, r2r, r3r)
     x = tl.join(x_up, x_lo)  # (R, r, g, t, e, j % 2, j // 2, h)
     x = tl.permute(x, (0, 7, 1, 2, 6, 5, 3, 4))  # (R, h, r, g, j // 2, j % 2, t, e)
     return tl.reshape(x, (M, BLOCK_N))
