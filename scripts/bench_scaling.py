@@ -11,12 +11,14 @@ rate: rank 0's rate times the world size; so
     tokens/s per GPU = tokens_per_sec / N,  scaling efficiency = (tokens/s per GPU at N) / (tokens/s at N=1)
 
 and `throughput/mfu` is per device. Each value is the median of the rates logged in the second half of the
-run (the first steps include Triton autotuning and CUDA warmup). Then:
+run (the first steps include Triton autotuning, torch.compile and CUDA warmup). Runs share Triton's on-disk
+autotuning cache (TRITON_CACHE_AUTOTUNING=1), so only the first run of each kernel key times the tiles. Then:
 
-- memory: GPT-2 medium and large through `trainer=fsdp` and `trainer=ddp` at the largest N, reporting
+- memory: GPT-2 medium and large through `trainer=fsdp` and `trainer=ddp` at the largest N, eager
+  (compile=false, both strategies), reporting
   `memory/peak_gb` (torch.cuda.max_memory_allocated of rank 0; ranks are symmetric under DDP and FULL_SHARD)
   when the training log has it.
-- correctness: with dropout off, the same seed and the same global batch, DDP on 2 devices (micro-batch b)
+- correctness: with dropout off, eager, the same seed and the same global batch, DDP on 2 devices (micro-batch b)
   against 1 device with 2-step gradient accumulation (micro-batch b). Both see the same windows each step
   (data/lm.py: micro-batch i of rank r is perm.reshape(N, W, B)[i, r]). Validation runs after every step on
   a fixed 8-window set (token-weighted mean over all ranks), so `val/loss` after step k is the loss of the
@@ -54,8 +56,12 @@ sys.path.insert(0, str(REPO))
 from train import read_metrics  # noqa: E402  (the run directory layout is train.py's)
 
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-# Dense bf16 tensor-core peak FLOP/s per GPU missing from Lightning's table (MFU is left empty otherwise).
-PEAK_FLOPS = {"H200": 989.4e12}
+# Triton keeps the attention kernels' autotuning results on disk, so the runs after the first (the same
+# head dim, sequence length and dropout) reuse its choice instead of re-timing every tile on every rank.
+CACHE_AUTOTUNING = {"TRITON_CACHE_AUTOTUNING": "1"}
+# Dense bf16 tensor-core peak FLOP/s per GPU (SXM parts), the same figure scripts/bench_train.py uses; Lightning's
+# table misses the H200 (MFU is left empty otherwise).
+PEAK_FLOPS = {"H200": 989.4e12, "H100 80GB HBM3": 989.4e12}
 
 # Overrides for the two modes. `gpu`: GPT-2 small + FlashAttention at seq 1K (experiment=gpt2) on the
 # standard-library corpus (local, no download; the model keeps GPT-2's 50257-token vocabulary, so the
@@ -66,7 +72,11 @@ MODES = {
         trainer="ddp",
         single="gpu",
         overrides=["data=stdlib", "data.seq_len=1024", "data.num_workers=4"],
-        check_overrides=["model.dropout=0.0"],
+        # Eager, untuned kernels: the check is about gradients, and compiling twice more costs minutes.
+        check_overrides=["model.dropout=0.0", "compile=false"],
+        check_env={"FLASHREPRO_AUTOTUNE": "0"},
+        # FSDP runs eager (compile=false): what is compared is the memory peak of the two strategies.
+        memory_overrides=["compile=false"],
         check_tolerance=2e-2,  # bf16 autocast: the reduction order differs between the two runs
     ),
     "smoke": dict(
@@ -84,15 +94,21 @@ MODES = {
             "callbacks.progress_bar.refresh_rate=0",
         ],
         check_overrides=["model.dropout=0.0"],
+        check_env={},
+        memory_overrides=[],
         check_tolerance=1e-5,  # fp32: only the summation order differs
     ),
 }
-GPU_DEFAULTS = dict(micro_batch=16, steps=60, window=10, log_every=5, check_micro_batch=4, check_steps=20)
-SMOKE_DEFAULTS = dict(micro_batch=4, steps=8, window=2, log_every=1, check_micro_batch=2, check_steps=4)
+GPU_DEFAULTS = dict(
+    micro_batch=16, steps=60, window=10, log_every=5, memory_steps=20, check_micro_batch=4, check_steps=20
+)
+SMOKE_DEFAULTS = dict(
+    micro_batch=4, steps=8, window=2, log_every=1, memory_steps=8, check_micro_batch=2, check_steps=4
+)
 
 
 def run_train(
-    name: str, overrides: list[str], out: Path, log_file: Path, timeout: float | None = None
+    name: str, overrides: list[str], out: Path, log_file: Path, env: dict[str, str] | None = None
 ) -> tuple[Path, str]:
     """Run `python train.py name=<name> <overrides>` from the repo root; returns (run dir, command line).
 
@@ -102,15 +118,17 @@ def run_train(
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "train.py", f"name={name}", f"paths.log_dir={out / 'runs'}", "ckpt_path=null"]
     cmd += overrides
-    env = {**os.environ, **NO_MULTICAST, "WANDB_MODE": "disabled"}
+    env = {**os.environ, **CACHE_AUTOTUNING, **(env or {}), **NO_MULTICAST, "WANDB_MODE": "disabled"}
     env.pop("SLURM_NTASKS_PER_NODE", None)  # devices come from the command line, not an enclosing job
     env.pop("SLURM_NNODES", None)
     line = shlex.join(["python", *cmd[1:]])
+    changed = {k: v for k, v in env.items() if os.environ.get(k) != v and k not in NO_MULTICAST}
+    line = " ".join([*(f"{k}={v}" for k, v in sorted(changed.items())), line])
     print(f"$ {line}", flush=True)
     with open(log_file, "a") as f:
         f.write(f"\n$ {line}\n")
         f.flush()
-        result = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+        result = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
     if result.returncode != 0:
         tail = "".join(log_file.read_text().splitlines(keepends=True)[-30:])
         raise RuntimeError(f"training run failed ({result.returncode}): {line}\n--- log tail ---\n{tail}")
@@ -137,23 +155,38 @@ def common_overrides(mode: dict, args: argparse.Namespace) -> list[str]:
 
 
 def throughput_run(
-    mode: dict, args: argparse.Namespace, n: int, trainer: str, model: str | None, micro_batch: int, tag: str
+    mode: dict,
+    args: argparse.Namespace,
+    n: int,
+    trainer: str,
+    model: str | None,
+    micro_batch: int,
+    tag: str,
+    steps: int,
+    extra: list[str] = (),
 ) -> dict:
     """One short run without validation or checkpoints; its throughput (and peak memory if logged)."""
+    # --global-batch G: the recipe's fixed global batch, reached by accumulation (one gradient all-reduce
+    # per G / (micro_batch x n) micro-batches); otherwise one all-reduce per micro-batch.
+    global_batch = args.global_batch or micro_batch * n
+    if global_batch % (micro_batch * n):
+        raise SystemExit(f"--global-batch {global_batch} is not a multiple of micro-batch x devices")
+    window = min(args.window, steps * (global_batch // (micro_batch * n)) // 2)  # in micro-batches
     overrides = common_overrides(mode, args) + [
         f"trainer={trainer}",
         f"trainer.devices={n}",
         f"data.batch_size={micro_batch}",
-        f"global_batch_size={micro_batch * n}",
-        f"trainer.max_steps={args.steps}",
-        f"val_every_n_steps={args.steps}",
+        f"global_batch_size={global_batch}",
+        f"trainer.max_steps={steps}",
+        f"val_every_n_steps={steps}",
         "trainer.limit_val_batches=0",
         "trainer.num_sanity_val_steps=0",
         "trainer.enable_checkpointing=false",
         "~callbacks.best_checkpoint",
         "~callbacks.last_checkpoint",
-        f"trainer.log_every_n_steps={args.log_every}",
-        f"callbacks.throughput.window_size={args.window}",
+        f"trainer.log_every_n_steps={min(args.log_every, window)}",
+        f"callbacks.throughput.window_size={window}",
+        *extra,
     ]
     if model:
         overrides.append(f"model={model}")
@@ -171,8 +204,9 @@ def throughput_run(
         "strategy": trainer,
         "model": model or mode["experiment"],
         "micro_batch": micro_batch,
-        "global_batch": micro_batch * n,
-        "steps": args.steps,
+        "global_batch": global_batch,
+        "accumulation": global_batch // (micro_batch * n),
+        "steps": steps,
         "tokens_per_sec": total,
         "tokens_per_sec_per_device": total / n,
         "mfu": mfu,
@@ -205,7 +239,9 @@ def loss_check(mode: dict, args: argparse.Namespace) -> dict:
     }
     losses, weights, commands = {}, {}, {}
     for key, overrides in runs.items():
-        run_dir, commands[key] = run_train(f"scaling-check-{key}", overrides, args.out, args.log_file)
+        run_dir, commands[key] = run_train(
+            f"scaling-check-{key}", overrides, args.out, args.log_file, env=mode["check_env"]
+        )
         rows = read_metrics(run_dir)
         losses[key] = {"val_loss": series(rows, "val/loss"), "train_loss_rank0": series(rows, "train/loss")}
         ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -278,14 +314,14 @@ def markdown(report: dict) -> str:
     if report["gpu"].get("nvidia_smi"):
         lines += ["```", report["gpu"]["nvidia_smi"], "```", ""]
     lines += [
-        "## Throughput (DDP, fixed micro-batch per device, no accumulation)",
+        "## Throughput (DDP, fixed micro-batch per device; one gradient all-reduce per optimizer step)",
         "",
-        "| devices | micro-batch | global batch | tokens/s total | tokens/s per device | MFU | scaling eff. |",
-        "|---|---|---|---|---|---|---|",
+        "| devices | micro-batch | accumulation | global batch | tokens/s total | tokens/s per device | MFU | scaling eff. |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in report["scaling"]:
         lines.append(
-            f"| {r['devices']} | {r['micro_batch']} | {r['global_batch']} | {r['tokens_per_sec']:,.0f} | "
+            f"| {r['devices']} | {r['micro_batch']} | {r.get('accumulation', 1)} | {r['global_batch']} | {r['tokens_per_sec']:,.0f} | "
             f"{r['tokens_per_sec_per_device']:,.0f} | {fmt(r['mfu'], '.1%')} | {fmt(r['efficiency'], '.3f')} |"
         )
     if report.get("memory"):
@@ -332,8 +368,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, help="optimizer steps per throughput run (60; smoke 8)")
     p.add_argument("--window", type=int, help="micro-batches in the throughput rolling average (10; smoke 2)")
     p.add_argument("--log-every", type=int, help="trainer.log_every_n_steps of throughput runs (5; smoke 1)")
+    p.add_argument("--global-batch", type=int, help="fixed global batch (accumulation); default micro x N")
+    p.add_argument("--skip-scaling", action="store_true", help="no throughput rows")
     p.add_argument("--memory-models", nargs="*", default=["gpt2-medium", "gpt2-large"], help="model configs")
     p.add_argument("--memory-micro-batch", type=int, default=8)
+    p.add_argument("--memory-steps", type=int, help="optimizer steps per memory run (20; smoke 8)")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--check-micro-batch", type=int, help="micro-batch b of the loss check (4; smoke 2)")
     p.add_argument("--check-steps", type=int, help="optimizer steps K of the loss check (20; smoke 4)")
@@ -368,7 +407,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     gpu = gpu_info()
     slug = re.sub(r"[^a-z0-9]+", "-", gpu["name"].lower()).strip("-")
-    stem = args.out / f"{slug}x{max(gpus)}"
+    stem = args.out / (f"{slug}x{max(gpus)}" + (f"-gb{args.global_batch}" if args.global_batch else ""))
     args.log_file = stem.with_suffix(".log")
     args.log_file.write_text("")
     report = {
@@ -389,8 +428,8 @@ def main(argv: list[str] | None = None) -> dict:
         stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
         stem.with_suffix(".md").write_text(markdown(report))
 
-    for n in gpus:
-        row = throughput_run(mode, args, n, mode["trainer"], None, args.micro_batch, f"ddp-n{n}")
+    for n in [] if args.skip_scaling else gpus:
+        row = throughput_run(mode, args, n, mode["trainer"], None, args.micro_batch, f"ddp-n{n}", args.steps)
         base = (
             report["scaling"][0]["tokens_per_sec_per_device"] if report["scaling"] else row["tokens_per_sec"]
         )
@@ -405,7 +444,15 @@ def main(argv: list[str] | None = None) -> dict:
             for strategy in ("fsdp", "ddp"):
                 try:
                     row = throughput_run(
-                        mode, args, n, strategy, model, args.memory_micro_batch, f"{strategy}-{model}-n{n}"
+                        mode,
+                        args,
+                        n,
+                        strategy,
+                        model,
+                        args.memory_micro_batch,
+                        f"{strategy}-{model}-n{n}",
+                        args.memory_steps,
+                        mode["memory_overrides"],
                     )
                     report["commands"].append(row["command"])
                 except RuntimeError as err:  # e.g. DDP out of memory for a large model: record and go on
