@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
@@ -47,6 +48,22 @@ def next_token_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
     logits = net(x)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32
     return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+
+def grad_norm(grads: list[torch.Tensor], device: torch.device, sharded: bool = False) -> torch.Tensor:
+    """L2 norm over all of `grads` as a 0-dim fp32 tensor on `device` (0 for an empty list).
+
+    `sharded`: each rank of the default process group holds a disjoint shard of the gradients (FSDP's
+    FULL_SHARD), so the ranks' squared norms are summed: every rank returns the same, global norm.
+    """
+    norm = (
+        torch.nn.utils.get_total_norm(grads).float().to(device) if grads else torch.zeros((), device=device)
+    )
+    if sharded and dist.is_available() and dist.is_initialized():
+        squared = norm.square()
+        dist.all_reduce(squared)
+        norm = squared.sqrt()
+    return norm
 
 
 def linear_warmup_decay(
@@ -147,18 +164,20 @@ class LMModule(L.LightningModule):
         loss = self._loss_sum / self._loss_count
         self._loss_sum, self._loss_count = None, 0
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=loss.device)
+        # Under FSDP each rank holds a shard of the gradients: the norm (and the stop below) must be the
+        # global one on every rank, or one rank would stop alone and the others wait for it forever.
+        norm = grad_norm(grads, loss.device, sharded=isinstance(self.trainer.strategy, FSDPStrategy))
         # fp16's GradScaler handles inf gradients itself (it skips that step); bf16 and fp32 have no scaler.
-        check = loss if self.trainer.precision == "16-mixed" else loss + grad_norm
+        check = loss if self.trainer.precision == "16-mixed" else loss + norm
         if not torch.isfinite(check).item():
             raise FloatingPointError(
-                f"Non-finite training loss ({loss.item()}) or gradient norm ({grad_norm.item()}) at optimizer step "
+                f"Non-finite training loss ({loss.item()}) or gradient norm ({norm.item()}) at optimizer step "
                 f"{self.trainer.global_step}; stopped before the update, so the last checkpoint holds the last good "
                 "weights. Fix: lower optim.lr or raise the warmup, keep trainer.gradient_clip_val=1.0, use "
                 "bf16-mixed rather than 16-mixed, then resume with ckpt_path=last."
             )
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/grad_norm", grad_norm)
+        self.log("train/grad_norm", norm)
         self.log("lr", optimizer.param_groups[0]["lr"], prog_bar=True)
 
     def configure_gradient_clipping(

@@ -382,3 +382,44 @@ def test_ddp_two_processes_accumulate_and_stop_together(tmp_path, run_env):
     out = run_train(run_dir, run_env, *args)
     assert f"Resuming from {last}" in out and ckpt_step(last) == 200
     assert sorted(series(train.read_metrics(run_dir), "train/loss")) == list(range(200))
+
+
+def _sharded_norm_worker(rank: int, world: int, port: int, grads: list[torch.Tensor], out: dict) -> None:
+    import torch.distributed as dist
+
+    from models.lm_module import grad_norm
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        # FSDP's layout: every gradient flattened and cut into `world` contiguous shards, one per rank
+        # (the last rank's shard of the small gradient is empty).
+        shards = [g.flatten().tensor_split(world)[rank] for g in grads]
+        out[rank] = grad_norm(shards, torch.device("cpu"), sharded=True).item()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_grad_norm_sums_shards_over_ranks():
+    """Under FSDP every rank must log (and stop on) the global gradient norm, not its own shard's."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from models.lm_module import grad_norm
+
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(7, 5, generator=g), torch.randn(1, generator=g), 3 * torch.randn(11, generator=g)]
+    expected = torch.cat([x.double().flatten() for x in grads]).norm().item()
+    assert grad_norm(grads, torch.device("cpu")).item() == pytest.approx(expected, rel=1e-6)
+    assert grad_norm([], torch.device("cpu")).item() == 0.0
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_sharded_norm_worker, args=(2, port, grads, out), nprocs=2, join=True)
+        norms = dict(out)
+    local = grad_norm([x.flatten().tensor_split(2)[0] for x in grads], torch.device("cpu")).item()
+    assert local < expected * 0.95, "a shard's own norm must differ, or the test proves nothing"
+    assert norms[0] == pytest.approx(expected, rel=1e-6) and norms[1] == pytest.approx(expected, rel=1e-6)
