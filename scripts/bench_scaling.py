@@ -25,6 +25,9 @@ autotuning cache (TRITON_CACHE_AUTOTUNING=1), so only the first run of each kern
   weights after k steps; the per-step losses, their max abs difference and the max abs difference of the
   final weights (last.ckpt) are recorded and checked against a stated tolerance.
 
+- all-reduce: first, one all_reduce of GPT-2 small's fp32 gradient size over 2..N processes (NCCL, one per
+  GPU), timed alone: what a DDP step would add if none of it overlapped the backward.
+
 Results go to <out>/<gpu-slug>x<n>.json and .md (GPU name, clocks from nvidia-smi, versions, date, and every
 command line). Subprocess environments set NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and
 NVSHMEM_DISABLE_NVLS=1 (no NVLink multicast).
@@ -44,12 +47,16 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -266,6 +273,64 @@ def loss_check(mode: dict, args: argparse.Namespace) -> dict:
     }
 
 
+def _allreduce_worker(rank: int, world: int, port: int, backend: str, numel: int, iters: int, out) -> None:
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        x = torch.empty(numel, dtype=torch.float32, device=device)
+        times = []
+        for i in range(iters + 3):  # 3 warm-up calls (NCCL builds its rings on the first)
+            x.fill_(1.0)
+            sync()
+            dist.barrier()
+            start = time.perf_counter()
+            dist.all_reduce(x)
+            sync()
+            if i >= 3:
+                times.append(time.perf_counter() - start)
+        if x[0].item() != world or x[-1].item() != world:
+            raise RuntimeError(f"all_reduce of ones gave {x[0].item()}, expected {world}")
+        if rank == 0:
+            out["seconds"] = statistics.median(times)
+    finally:
+        dist.destroy_process_group()
+
+
+def allreduce_probe(n: int, backend: str, numel: int, iters: int = 10) -> dict:
+    """Median time of one all_reduce of `numel` fp32 values over `n` processes (one per GPU under NCCL):
+    the gradient all-reduce of one DDP step without its overlap. Bus bandwidth = bytes x 2(n-1)/n / time,
+    NCCL's own convention (nccl-tests), comparable across n."""
+    os.environ.update(NO_MULTICAST)  # inherited by the spawned processes
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_allreduce_worker, args=(n, port, backend, numel, iters, out), nprocs=n, join=True)
+        seconds = out["seconds"]
+    size = 4 * numel
+    return {
+        "devices": n,
+        "backend": backend,
+        "bytes": size,
+        "seconds": seconds,
+        "bus_gb_per_s": size * 2 * (n - 1) / n / seconds / 1e9,
+    }
+
+
+def gradient_numel(model: str) -> int:
+    """Parameters of configs/model/<model>.yaml (built on the meta device: no memory, no init)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    with torch.device("meta"):
+        net = instantiate(OmegaConf.load(REPO / "configs" / "model" / f"{model}.yaml"))
+    return sum(p.numel() for p in net.parameters())
+
+
 def gpu_info() -> dict:
     if not torch.cuda.is_available():
         return {"name": "cpu", "count": 0}
@@ -340,6 +405,19 @@ def markdown(report: dict) -> str:
                 f"| {r['model']} | {r['strategy']} | {r['devices']} | {r['micro_batch']} | "
                 f"{fmt(r['peak_memory_gb_rank0'], '.2f')} | {r['tokens_per_sec_per_device']:,.0f} |"
             )
+    if report.get("allreduce"):
+        lines += [
+            "",
+            "## Gradient all-reduce alone (fp32, the model's parameter count; no overlap with compute)",
+            "",
+            "| devices | backend | MB | ms | bus GB/s |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['devices']} | {r['backend']} | {r['bytes'] / 1e6:,.0f} | {r['seconds'] * 1e3:.2f} | "
+            f"{r['bus_gb_per_s']:.1f} |"
+            for r in report["allreduce"]
+        ]
     c = report.get("loss_check")
     if c:
         lines += [
@@ -370,6 +448,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--log-every", type=int, help="trainer.log_every_n_steps of throughput runs (5; smoke 1)")
     p.add_argument("--global-batch", type=int, help="fixed global batch (accumulation); default micro x N")
     p.add_argument("--skip-scaling", action="store_true", help="no throughput rows")
+    p.add_argument("--skip-allreduce", action="store_true", help="no all-reduce bandwidth probe")
     p.add_argument("--memory-models", nargs="*", default=["gpt2-medium", "gpt2-large"], help="model configs")
     p.add_argument("--memory-micro-batch", type=int, default=8)
     p.add_argument("--memory-steps", type=int, help="optimizer steps per memory run (20; smoke 8)")
@@ -418,6 +497,7 @@ def main(argv: list[str] | None = None) -> dict:
         "env": NO_MULTICAST,
         "tokens_per_sec_note": "throughput/tokens_per_sec is global (rank 0's rate x world size); "
         "per device = total / devices; MFU is per device",
+        "allreduce": [],
         "scaling": [],
         "memory": [],
         "loss_check": None,
@@ -427,6 +507,12 @@ def main(argv: list[str] | None = None) -> dict:
     def save() -> None:
         stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
         stem.with_suffix(".md").write_text(markdown(report))
+
+    if not args.skip_allreduce:
+        numel = 1 << 20 if args.smoke else gradient_numel("gpt2-small")
+        for n in (g for g in gpus if g > 1):
+            report["allreduce"].append(allreduce_probe(n, "gloo" if args.smoke else "nccl", numel))
+            save()
 
     for n in [] if args.skip_scaling else gpus:
         row = throughput_run(mode, args, n, mode["trainer"], None, args.micro_batch, f"ddp-n{n}", args.steps)

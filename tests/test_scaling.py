@@ -47,6 +47,12 @@ def test_smoke_writes_scaling_rows(smoke_report):
     assert rows[2]["efficiency"] == pytest.approx(
         rows[2]["tokens_per_sec_per_device"] / rows[1]["tokens_per_sec_per_device"]
     )
+    # The all-reduce probe: one row for 2 processes, ones summed to 2 (checked in the workers), timed.
+    (probe,) = saved["allreduce"]
+    assert probe["devices"] == 2 and probe["backend"] == "gloo" and probe["bytes"] == 4 << 20
+    assert probe["seconds"] > 0 and probe["bus_gb_per_s"] == pytest.approx(
+        probe["bytes"] / probe["seconds"] / 1e9
+    )
     assert set(saved["env"]) == {
         "NCCL_NVLS_ENABLE",
         "TORCH_SYMM_MEM_DISABLE_MULTICAST",
