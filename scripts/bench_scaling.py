@@ -176,9 +176,10 @@ def throughput_run(
     # --global-batch G: the recipe's fixed global batch, reached by accumulation (one gradient all-reduce
     # per G / (micro_batch x n) micro-batches); otherwise one all-reduce per micro-batch.
     global_batch = args.global_batch or micro_batch * n
-    if global_batch % (micro_batch * n):
+    accumulation, rest = divmod(global_batch, micro_batch * n)
+    if rest:
         raise SystemExit(f"--global-batch {global_batch} is not a multiple of micro-batch x devices")
-    window = min(args.window, steps * (global_batch // (micro_batch * n)) // 2)  # in micro-batches
+    window = min(args.window, steps * accumulation // 2)  # in micro-batches
     overrides = common_overrides(mode, args) + [
         f"trainer={trainer}",
         f"trainer.devices={n}",
@@ -212,7 +213,7 @@ def throughput_run(
         "model": model or mode["experiment"],
         "micro_batch": micro_batch,
         "global_batch": global_batch,
-        "accumulation": global_batch // (micro_batch * n),
+        "accumulation": accumulation,
         "steps": steps,
         "tokens_per_sec": total,
         "tokens_per_sec_per_device": total / n,
@@ -386,7 +387,7 @@ def markdown(report: dict) -> str:
     ]
     for r in report["scaling"]:
         lines.append(
-            f"| {r['devices']} | {r['micro_batch']} | {r.get('accumulation', 1)} | {r['global_batch']} | {r['tokens_per_sec']:,.0f} | "
+            f"| {r['devices']} | {r['micro_batch']} | {r['accumulation']} | {r['global_batch']} | {r['tokens_per_sec']:,.0f} | "
             f"{r['tokens_per_sec_per_device']:,.0f} | {fmt(r['mfu'], '.1%')} | {fmt(r['efficiency'], '.3f')} |"
         )
     if report.get("memory"):

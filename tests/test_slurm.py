@@ -12,7 +12,6 @@ Needs root and Debian's slurm-wlm + munge (scripts/slurm/ci_install.sh); skipped
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_utils import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_DIR = REPO / "scripts" / "slurm"
@@ -59,12 +59,6 @@ def cluster(tmp_path_factory):
         pytest.skip(f"the local SLURM cluster did not start:\n{r.stdout[-1500:]}{r.stderr[-3000:]}")
     yield slurm_env(state / "slurm.conf"), state
     subprocess.run(["bash", script, "stop", state], timeout=60)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 ALL_REDUCE = """

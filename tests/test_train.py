@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
-from train_utils import compose_train
+from train_utils import compose_train, free_port
 
 import train
 from models.callbacks import LastCheckpoint
@@ -401,8 +401,6 @@ def _sharded_norm_worker(rank: int, world: int, port: int, grads: list[torch.Ten
 
 def test_grad_norm_sums_shards_over_ranks():
     """Under FSDP every rank must log (and stop on) the global gradient norm, not its own shard's."""
-    import socket
-
     import torch.multiprocessing as mp
 
     from models.lm_module import grad_norm
@@ -413,12 +411,9 @@ def test_grad_norm_sums_shards_over_ranks():
     assert grad_norm(grads, torch.device("cpu")).item() == pytest.approx(expected, rel=1e-6)
     assert grad_norm([], torch.device("cpu")).item() == 0.0
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_sharded_norm_worker, args=(2, port, grads, out), nprocs=2, join=True)
+        mp.spawn(_sharded_norm_worker, args=(2, free_port(), grads, out), nprocs=2, join=True)
         norms = dict(out)
     local = grad_norm([x.flatten().tensor_split(2)[0] for x in grads], torch.device("cpu")).item()
     assert local < expected * 0.95, "a shard's own norm must differ, or the test proves nothing"

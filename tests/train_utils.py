@@ -1,5 +1,6 @@
-"""Helpers shared by tests/test_train.py and tests/test_configs.py."""
+"""Helpers shared by the tests (test_train, test_configs, test_scaling, test_slurm)."""
 
+import socket
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -15,3 +16,10 @@ def compose_train(output_dir: Path, overrides: list[str] = ()) -> DictConfig:
     """configs/train.yaml composed as `python train.py <overrides>` would, writing to `output_dir`."""
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return compose("train", overrides=[f"paths.output_dir={output_dir}", *overrides])
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
