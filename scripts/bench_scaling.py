@@ -337,13 +337,13 @@ def gpu_info() -> dict:
         return {"name": "cpu", "count": 0}
     info = {"name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count()}
     query = "--query-gpu=index,name,clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,power.limit"
-    try:
-        smi = subprocess.run(
-            ["nvidia-smi", query, "--format=csv"], capture_output=True, text=True, timeout=30
-        )
-        info["nvidia_smi"] = smi.stdout.strip()
-    except (OSError, subprocess.SubprocessError) as err:
-        info["nvidia_smi"] = f"unavailable: {err}"
+    # Clocks and limits, then how the GPUs are linked (NVLink / PCIe), which bounds the all-reduce.
+    for key, smi_args in (("nvidia_smi", [query, "--format=csv"]), ("topology", ["topo", "-m"])):
+        try:
+            smi = subprocess.run(["nvidia-smi", *smi_args], capture_output=True, text=True, timeout=30)
+            info[key] = smi.stdout.strip()
+        except (OSError, subprocess.SubprocessError) as err:
+            info[key] = f"unavailable: {err}"
     return info
 
 
@@ -379,6 +379,8 @@ def markdown(report: dict) -> str:
     ]
     if report["gpu"].get("nvidia_smi"):
         lines += ["```", report["gpu"]["nvidia_smi"], "```", ""]
+    if report["gpu"].get("topology"):
+        lines += ["```", report["gpu"]["topology"], "```", ""]
     lines += [
         "## Throughput (DDP, fixed micro-batch per device; one gradient all-reduce per optimizer step)",
         "",
