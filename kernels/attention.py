@@ -18,12 +18,10 @@ import torch
 import triton
 
 from kernels.flash_bwd import (
-    SEM_BLOCK_M,
     _bwd_dkdv_kernel,
     _bwd_dq_kernel,
     _bwd_preprocess,
     _bwd_short_kernel,
-    fused_dq_mode,
     short_bwd_tiles,
 )
 from kernels.flash_fwd import LOG2E, SPARSE_BLOCK, _fwd_kernel, dropout_params, interpreting, seqlen_bucket
@@ -227,15 +225,11 @@ def flash_bwd(
     dq: torch.Tensor | None = None,
     dk: torch.Tensor | None = None,
     dv: torch.Tensor | None = None,
-    deterministic: bool = True,
-    fused_dq: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernels; returns (dq, dk, dv) in q/k/v's shapes and dtype.
 
     Short key sequences (`kernels.flash_bwd.short_bwd_tiles`) take the one-launch `_bwd_short_kernel`
-    unless block-sparse; the rest take `_bwd_preprocess` and `_bwd_dkdv_kernel`, followed by
-    `_bwd_dq_kernel` unless dQ is fused into the dK/dV kernel (`fused_dq`: 0 no, 1 ordered, 2 atomic;
-    None picks `kernels.flash_bwd.fused_dq_mode`).
+    unless block-sparse; the rest take `_bwd_preprocess`, `_bwd_dkdv_kernel` and `_bwd_dq_kernel`.
     """
     varlen = cu_seqlens_q is not None
     nheads, d = q.shape[-2], q.shape[-1]
@@ -286,28 +280,14 @@ def flash_bwd(
     )  # fmt: skip
     buckets = (seqlen_bucket(max_seqlen_q), seqlen_bucket(max_seqlen_k))
 
-    if fused_dq is None:
-        fused_dq = fused_dq_mode(mode != 0, deterministic, q2k_idx is not None)
-    if fused_dq:
-        # float32 dQ sums in q's layout, and the ordered adds' counters (see kernels.flash_bwd).
-        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        sem_stride = triton.cdiv(max_seqlen_q, SEM_BLOCK_M)
-        sem = torch.zeros((batch * nheads, sem_stride), dtype=torch.int32, device=q.device)
-        acc_strides = _strides3(dq_acc, varlen)
-    else:
-        dq_acc, sem, sem_stride, acc_strides = dq, dq, 0, (0, 0, 0)  # unused placeholders
     s_idx, s_cnt, s_heads, s_nk, s_nq = _sparse_args(k2q_idx, k2q_cnt, q)
     _bwd_dkdv_kernel[lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), batch * nheads_k)](
-        q, k, v, dout, lse, delta, dk, dv, dq_acc, sem, cu_q, cu_k, s_idx, s_cnt,
+        q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, s_idx, s_cnt,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen),
-        *_strides3(dk, varlen), *_strides3(dv, varlen), *acc_strides, sem_stride,
-        *_lse_strides(lse, varlen), s_heads, s_nk, s_nq,
+        *_strides3(dk, varlen), *_strides3(dv, varlen), *_lse_strides(lse, varlen), s_heads, s_nk, s_nq,
         max_seqlen_q, max_seqlen_k, nheads_k, nheads // nheads_k, softmax_scale * LOG2E, softmax_scale,
-        seed, bound, drop_scale, *buckets, FUSED_DQ=fused_dq, **common,
+        seed, bound, drop_scale, *buckets, **common,
     )  # fmt: skip
-    if fused_dq:
-        dq.copy_(dq_acc.mul_(softmax_scale * drop_scale))
-        return dq, dk, dv
     s_idx, s_cnt, s_heads, s_nq, s_nk = _sparse_args(q2k_idx, q2k_cnt, q)
     _bwd_dq_kernel[lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * nheads)](
         q, k, v, dout, lse, delta, dq, cu_q, cu_k, s_idx, s_cnt,
@@ -345,7 +325,6 @@ def _fwd_op(
     softmax_scale: float,
     causal: bool,
     dropout_p: float,
-    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     seed = draw_seed() if dropout_p > 0 else 0
     out, lse = flash_fwd(
@@ -357,7 +336,7 @@ def _fwd_op(
 
 @_fwd_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q2k_idx, q2k_cnt, k2q_idx, k2q_cnt,
-      softmax_scale, causal, dropout_p, deterministic):  # fmt: skip
+      softmax_scale, causal, dropout_p):  # fmt: skip
     if cu_seqlens_q is not None:
         lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
     else:
@@ -386,12 +365,10 @@ def _bwd_op(
     softmax_scale: float,
     causal: bool,
     dropout_p: float,
-    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return flash_bwd(
         dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         q2k_idx, q2k_cnt, k2q_idx, k2q_cnt, softmax_scale, causal, dropout_p, int(rng.item()),
-        deterministic=deterministic,
     )  # fmt: skip
 
 
@@ -402,7 +379,7 @@ def _(dout, dlse, q, k, v, *args):
 
 _FWD_ARGS = (
     "q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k",
-    "q2k_idx", "q2k_cnt", "k2q_idx", "k2q_cnt", "softmax_scale", "causal", "dropout_p", "deterministic",
+    "q2k_idx", "q2k_cnt", "k2q_idx", "k2q_cnt", "softmax_scale", "causal", "dropout_p",
 )  # fmt: skip
 
 
@@ -419,19 +396,18 @@ def _setup_context(ctx, inputs, output):
         args["softmax_scale"],
         args["causal"],
         args["dropout_p"],
-        args["deterministic"],
     )
     ctx.mark_non_differentiable(rng)
 
 
 def _backward(ctx, dout, dlse, _drng):
     q, k, v, out, lse, rng, cu_q, cu_k, q2k_idx, q2k_cnt, k2q_idx, k2q_cnt = ctx.saved_tensors
-    max_q, max_k, scale, causal, dropout_p, deterministic = ctx.scalars
+    max_q, max_k, scale, causal, dropout_p = ctx.scalars
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = _bwd_op(
         dout, dlse, q, k, v, out, lse, rng, cu_q, cu_k, max_q, max_k,
-        q2k_idx, q2k_cnt, k2q_idx, k2q_cnt, scale, causal, dropout_p, deterministic,
+        q2k_idx, q2k_cnt, k2q_idx, k2q_cnt, scale, causal, dropout_p,
     )  # fmt: skip
     return (dq, dk, dv) + (None,) * (len(_FWD_ARGS) - 3)
 
@@ -467,8 +443,8 @@ def flash_attn_func(
         causal: causal mask aligned to the bottom-right corner: query i sees key j iff
             j <= i + seqlen_k - seqlen_q (as flash-attn 2). Rows that see no key output 0.
         return_lse: also return the log-sum-exp of each row's scaled scores.
-        deterministic: True (default) gives bitwise-identical gradients run to run. False allows the
-            backward to add dQ with float32 atomics in any order, which is faster.
+        deterministic: the backward pass is always deterministic (no atomics); kept for flash-attn
+            compatibility.
 
     Returns:
         out: (batch, seqlen_q, nheads, headdim), q's dtype, contiguous.
@@ -482,9 +458,8 @@ def flash_attn_func(
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     out, lse, _ = _fwd_op(
-        q, k, v, None, None, q.shape[1], k.shape[1], None, None, None, None, scale, causal, dropout_p,
-        deterministic,
-    )  # fmt: skip
+        q, k, v, None, None, q.shape[1], k.shape[1], None, None, None, None, scale, causal, dropout_p
+    )
     return (out, lse) if return_lse else out
 
 
@@ -527,7 +502,7 @@ def flash_attn_varlen_func(
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     out, lse, _ = _fwd_op(
         q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-        None, None, None, None, scale, causal, dropout_p, deterministic,
+        None, None, None, None, scale, causal, dropout_p,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
@@ -597,6 +572,5 @@ def block_sparse_flash_attn_func(
         scale,
         causal,
         dropout_p,
-        True,
     )
     return (out, lse) if return_lse else out

@@ -11,13 +11,6 @@ Three launches, none with atomics, so gradients are bitwise deterministic:
   2. `_bwd_dkdv_kernel`: one program per key block of one kv head; it walks the query blocks of every
      query head in its GQA group, so dK and dV are sums formed in registers in a fixed order.
   3. `_bwd_dq_kernel`: one program per query block; it walks the key blocks like the forward pass.
-With dropout (FUSED_DQ), step 3 is folded into step 2 so the mask is made once in the backward, not twice:
-each key block's program also adds its share dS K of every query block's dQ into a float32 buffer.
-  - ordered (FUSED_DQ = 1, deterministic): the adds into query block i wait on a counter per (head, i)
-    until the key blocks before this one have added theirs, so every sum runs in key-block order and the
-    result is bitwise reproducible. Key block j waits only on j - 1, whose program the GPU started earlier
-    (blocks are dispatched in grid order), so the wait always ends.
-  - atomic (FUSED_DQ = 2, deterministic=False): plain float32 atomic adds in whatever order they come.
 Short key sequences (max_seqlen_k <= SHORT_SEQLEN_K at head dim <= 64, half that at head dim 96/128,
 never at 256; not block-sparse) take one launch instead, which matters when launches dominate:
   4. `_bwd_short_kernel`: one program per (batch, kv head) holds the single key block; it computes D
@@ -30,7 +23,6 @@ import triton
 import triton.language as tl
 
 from kernels.flash_fwd import (
-    _INTERPRET,
     NO_SPECIALIZE,
     autotuning,
     bench_config,
@@ -74,63 +66,15 @@ def _bwd_preprocess(
     tl.store(Delta + l_ptrs, delta, mask=offs_t < seqlen)
 
 
-# Spin until the int32 counter at $1 is at least $2, reading it with acquire semantics; $0 = 0. The
-# braces scope the label, so the block can be inlined many times in one kernel.
-_WAIT_ASM: tl.constexpr = tl.constexpr(
-    "{ .reg .pred p; .reg .s32 v; WAIT: ld.global.acquire.gpu.b32 v, [$1]; setp.lt.s32 p, v, $2; "
-    "@p bra WAIT; mov.b32 $0, 0; }"
-)
-# Once per thread: wait for every thread of the program (bar.sync), then thread 0 fences at GPU scope and
-# adds 1 to the counter at $1; $0 = 0. (tl.debug_barrier() would do the same, but Triton then stops
-# pipelining the loads of the loop around it.)
-_SIGNAL_ASM: tl.constexpr = tl.constexpr(
-    "{ .reg .pred p; .reg .u32 t; bar.sync 0; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
-    "@p fence.acq_rel.gpu; @p red.relaxed.gpu.global.add.s32 [$1], 1; mov.b32 $0, 0; }"
-)
-
-
-@triton.jit
-def _add_dq(dq_base, stride_aqt, offs_m, offs_d, mask, part, sem, rank, FUSED_DQ: tl.constexpr):
-    """Add `part` (BLOCK_M, BLOCK_D) float32 to dQ's buffer rows offs_m; see FUSED_DQ in the module docstring.
-
-    Ordered: wait until `rank` key blocks have added to this query block (the counter `sem`), add with
-    float32 atomics (in this order, so the sums are the same every run), then count this key block.
-    """
-    if FUSED_DQ == 1:
-        if _INTERPRET:
-            # Programs run one after another in grid order, so exactly `rank` key blocks came before;
-            # anything else is a bookkeeping bug, made visible to the tests as NaN gradients.
-            part = tl.where(tl.load(sem) == rank, part, float("nan"))
-        else:
-            sems = sem + tl.zeros_like(offs_m)
-            zero = tl.inline_asm_elementwise(
-                _WAIT_ASM,
-                "=r,l,r",
-                [sems, rank + tl.zeros_like(offs_m)],
-                dtype=tl.int32,
-                is_pure=False,
-                pack=1,
-            )
-            offs_m = offs_m + zero  # the adds depend on the wait
-    ptrs = dq_base + offs_m[:, None] * stride_aqt + offs_d[None, :]
-    tl.atomic_add(ptrs, part, mask=mask, sem="relaxed")
-    if FUSED_DQ == 1:
-        if _INTERPRET:
-            tl.atomic_add(sem, 1)
-        else:  # every thread's adds come before the counter moves on
-            tl.inline_asm_elementwise(_SIGNAL_ASM, "=r,l", [sem], dtype=tl.int32, is_pure=False, pack=1)
-
-
 @triton.jit
 def _bwd_dkdv_inner(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
     start_n, offs_n, offs_d, lo, hi, seqlen_q, causal_shift, qk_scale, seed, bh, drop_bound, keep_prob,
-    sparse_idx, dq_base, stride_aqt, sem_base, rank,
-    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT_MODE: tl.constexpr,
+    sparse_idx, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPARSE: tl.constexpr, FUSED_DQ: tl.constexpr,
+    SPARSE: tl.constexpr,
 ):  # fmt: skip
-    """Add the contributions of query rows lo .. hi to one key block's dK, dV (and with FUSED_DQ, to their dQ).
+    """Add the contributions of query rows lo .. hi to one key block's dK, dV.
 
     Dropout is folded in without scaling each element: this adds (P * Z)^T dO to dv and
     (P * (Z * dP - keep_prob * D))^T Q to dk, and the caller multiplies both by 1 / keep_prob.
@@ -190,8 +134,6 @@ def _bwd_dkdv_inner(
             )
             dv = tl.dot(tl.trans(pz), do, dv)
             dk = tl.dot(tl.trans(ds), q, dk)
-            if FUSED_DQ:
-                dq_part = tl.dot(ds, k)
         else:
             # (keys x queries) tiles: dV += P^T dO takes P from registers as it is.
             pT = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
@@ -200,26 +142,8 @@ def _bwd_dkdv_inner(
                     pT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_shift, pT, 0.0)
             dpT = tl.dot(v, tl.trans(do))
             dv = tl.dot(pT.to(do.dtype), do, dv)
-            dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
-            dk = tl.dot(dsT, q, dk)
-            if FUSED_DQ:
-                dq_part = tl.dot(tl.trans(dsT), k)
-        if FUSED_DQ:
-            if MASKED:
-                dq_mask = (offs_m < seqlen_q)[:, None] & d_ok[None, :]
-            else:
-                dq_mask = d_ok[None, :]
-            _add_dq(
-                dq_base,
-                stride_aqt,
-                offs_m,
-                offs_d,
-                dq_mask,
-                dq_part,
-                sem_base + start_m // BLOCK_M,
-                rank,
-                FUSED_DQ,
-            )
+            dsT = pT * (dpT - delta[None, :])
+            dk = tl.dot(dsT.to(q.dtype), q, dk)
     return dk, dv
 
 
@@ -328,50 +252,26 @@ def _prune_dkdv(configs, named_args, **kwargs):
 
 
 _BWD_KEY = ["HEAD_DIM", "IS_CAUSAL", "DROPOUT_MODE", "IS_VARLEN", "IS_SPARSE", "Q_BUCKET", "K_BUCKET"]
-# Which backward folds dQ into the dK/dV kernel (module-level so tests can switch paths).
-FUSE_DQ_WITH_DROPOUT = True  # the mask is then made once in the backward instead of twice
-FUSE_DQ_NONDETERMINISTIC = True  # deterministic=False: atomic adds, one kernel fewer
-
-
-def fused_dq_mode(dropout: bool, deterministic: bool, sparse: bool) -> int:
-    """FUSED_DQ of the 3-kernel path: 0 (separate dQ kernel), 1 (fused, ordered) or 2 (fused, atomic).
-
-    Block-sparse backward keeps the separate dQ kernel: its key blocks per query block are not a prefix.
-    """
-    if sparse:
-        return 0
-    if not deterministic and FUSE_DQ_NONDETERMINISTIC:
-        return 2
-    return 1 if dropout and FUSE_DQ_WITH_DROPOUT else 0
-
-
-# Counters of the ordered fused dQ: one int32 per (batch * head, query block) at the smallest BLOCK_M.
-SEM_BLOCK_M = 16
 
 
 @triton.autotune(
     configs=_bwd_configs(),
-    key=_BWD_KEY + ["FUSED_DQ"],
+    key=_BWD_KEY,
     prune_configs_by={"early_config_prune": _prune_dkdv},
     do_bench=bench_config,
-    reset_to_zero=["DQA", "Sem"],
 )
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, DQA, Sem, CuQ, CuK, SparseIdx, SparseCnt,
+    Q, K, V, DO, Lse, Delta, DK, DV, CuQ, CuK, SparseIdx, SparseCnt,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
-    stride_aqb, stride_aqt, stride_aqh, sem_stride,
     stride_lb, stride_lh, stride_lt, sparse_heads, sparse_nk, sparse_nq,
     seqlen_q, seqlen_k, nheads_k, gqa_group, qk_scale, sm_scale, seed, drop_bound, drop_scale,
     Q_BUCKET, K_BUCKET,
     IS_CAUSAL: tl.constexpr, DROPOUT_MODE: tl.constexpr, IS_VARLEN: tl.constexpr, IS_SPARSE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPARSE_BLOCK_SIZE: tl.constexpr, SPARSE_MASKED: tl.constexpr, FUSED_DQ: tl.constexpr,
+    SPARSE_BLOCK_SIZE: tl.constexpr, SPARSE_MASKED: tl.constexpr,
 ):  # fmt: skip
-    """dK, dV of one key block of one kv head; with FUSED_DQ also its unscaled dS K share of dQ, added to
-    DQA (float32, q's layout, zeroed) under the counters Sem ((batch * nheads, sem_stride) int32, zeroed).
-    Grid: (cdiv(seqlen_k, BLOCK_N), batch * nheads_k), key block fastest (the ordered dQ relies on it)."""
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
     b = bhk // nheads_k
@@ -385,11 +285,9 @@ def _bwd_dkdv_kernel(
     v_off = b64 * stride_vb + k_row * stride_vt
     dk_off = b64 * stride_dkb + k_row * stride_dkt
     dv_off = b64 * stride_dvb + k_row * stride_dvt
-    aq_off = b64 * stride_aqb + q_row * stride_aqt
     if start_n >= seqlen_k:
         return
     causal_shift = seqlen_k - seqlen_q
-    rank = tl.program_id(0)  # key blocks 0 .. rank - 1 add to a query block's dQ before this one
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
@@ -419,35 +317,30 @@ def _bwd_dkdv_kernel(
         lse_base = Lse + l_off + h * stride_lh
         delta_base = Delta + l_off + h * stride_lh
         bh = b * nheads_k * gqa_group + h
-        dq_base = DQA + aq_off + h * stride_aqh
-        sem_base = Sem + bh * sem_stride
         if IS_SPARSE:
             col = (h % sparse_heads) * sparse_nk + start_n // SPARSE_BLOCK_SIZE
             count = tl.load(SparseCnt + col)
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
                 start_n, offs_n, offs_d, 0, count * SPARSE_BLOCK_SIZE, seqlen_q, causal_shift, qk_scale, seed, bh,
-                drop_bound, keep_prob, SparseIdx + col * sparse_nq, dq_base, stride_aqt, sem_base, rank,
-                SPARSE_MASKED, IS_CAUSAL, DROPOUT_MODE, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, True, FUSED_DQ,
+                drop_bound, keep_prob, SparseIdx + col * sparse_nq,
+                SPARSE_MASKED, IS_CAUSAL, DROPOUT_MODE, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, True,
             )  # fmt: skip
         else:
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
                 start_n, offs_n, offs_d, lo, tl.minimum(mid, q_ceil), seqlen_q, causal_shift, qk_scale, seed, bh,
-                drop_bound, keep_prob, Q, dq_base, stride_aqt, sem_base, rank,
-                True, IS_CAUSAL, DROPOUT_MODE, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False, FUSED_DQ,
+                drop_bound, keep_prob, Q, True, IS_CAUSAL, DROPOUT_MODE, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False,
             )  # fmt: skip
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
                 start_n, offs_n, offs_d, mid, full_end, seqlen_q, causal_shift, qk_scale, seed, bh,
-                drop_bound, keep_prob, Q, dq_base, stride_aqt, sem_base, rank,
-                False, IS_CAUSAL, DROPOUT_MODE, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False, FUSED_DQ,
+                drop_bound, keep_prob, Q, False, IS_CAUSAL, DROPOUT_MODE, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False,
             )  # fmt: skip
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
                 start_n, offs_n, offs_d, tl.maximum(mid, full_end), seqlen_q, seqlen_q, causal_shift, qk_scale, seed,
-                bh, drop_bound, keep_prob, Q, dq_base, stride_aqt, sem_base, rank,
-                True, IS_CAUSAL, DROPOUT_MODE, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False, FUSED_DQ,
+                bh, drop_bound, keep_prob, Q, True, IS_CAUSAL, DROPOUT_MODE, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False,
             )  # fmt: skip
     _store_dkdv(
         DK + dk_off + hk * stride_dkh, DV + dv_off + hk * stride_dvh, dk * (sm_scale * drop_scale),

@@ -27,8 +27,8 @@ from kernels import flash_bwd, flash_fwd  # noqa: E402
 
 POINTER_TYPES = {
     **dict.fromkeys(["Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"], "*bf16"),
-    **dict.fromkeys(["Lse", "Delta", "DLse", "DQA"], "*fp32"),
-    **dict.fromkeys(["CuQ", "CuK", "SparseIdx", "SparseCnt", "Sem"], "*i32"),
+    **dict.fromkeys(["Lse", "Delta", "DLse"], "*fp32"),
+    **dict.fromkeys(["CuQ", "CuK", "SparseIdx", "SparseCnt"], "*i32"),
 }
 SCALAR_TYPES = {"qk_scale": "fp32", "sm_scale": "fp32", "drop_scale": "fp32", "seed": "i64"}
 
@@ -65,13 +65,11 @@ def first_configs(dropout: bool = False) -> dict:
     config at head dim 64 (what FLASHREPRO_AUTOTUNE=0 runs use), without the flag constexprs. With
     dropout the dK/dV kernel's (queries x keys) tiles need BLOCK_M >= 64 (`flash_bwd._prune_dkdv`)."""
     shape = dict(HEAD_DIM=64, BLOCK_D=64, SPARSE_BLOCK_SIZE=128, SPARSE_MASKED=False, IS_SPARSE=False)
-    dkdv = dict(BLOCK_M=64, BLOCK_N=64, **shape) if dropout else dict(BLOCK_M=32, BLOCK_N=128, **shape)
-    dkdv_warps = 4 if dropout else 8
     return {
         "forward": (flash_fwd._fwd_kernel.fn, dict(BLOCK_M=128, BLOCK_N=128, **shape), 8, 2),
-        "backward dK/dV": (flash_bwd._bwd_dkdv_kernel.fn, dict(FUSED_DQ=0, **dkdv), dkdv_warps, 2),
-        "bwd dK/dV+dQ ordered": (flash_bwd._bwd_dkdv_kernel.fn, dict(FUSED_DQ=1, **dkdv), dkdv_warps, 2),
-        "bwd dK/dV+dQ atomic": (flash_bwd._bwd_dkdv_kernel.fn, dict(FUSED_DQ=2, **dkdv), dkdv_warps, 2),
+        "backward dK/dV": (flash_bwd._bwd_dkdv_kernel.fn, dict(BLOCK_M=32, BLOCK_N=128, **shape), 8, 2)
+        if not dropout
+        else (flash_bwd._bwd_dkdv_kernel.fn, dict(BLOCK_M=64, BLOCK_N=64, **shape), 4, 2),
         "backward dQ": (flash_bwd._bwd_dq_kernel.fn, dict(BLOCK_M=128, BLOCK_N=32, **shape), 8, 2),
         "backward, one launch": (
             flash_bwd._bwd_short_kernel,

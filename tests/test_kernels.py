@@ -20,7 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-import kernels.attention as attention_module
 import kernels.flash_bwd as bwd_module
 from kernels import (
     SPARSE_BLOCK,
@@ -35,7 +34,7 @@ from kernels import (
     unpad_input,
 )
 from kernels.attention import draw_seed, flash_bwd, flash_fwd
-from kernels.flash_bwd import fused_dq_mode, short_bwd_tiles
+from kernels.flash_bwd import short_bwd_tiles
 from kernels.flash_fwd import dropout_drops, dropout_mask, dropout_params, dropout_select, philox4x32
 from kernels.masks import block_sparse_lists
 from kernels.reference import block_mask_to_dense
@@ -440,80 +439,6 @@ def test_bwd_paths_agree_with_dropout(varlen, monkeypatch):
         torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
-DQ_PATHS = {"dq_kernel": 0, "fused_ordered": 1, "fused_atomic": 2}
-
-
-@pytest.mark.parametrize("p", [0.0, 0.25])
-@pytest.mark.parametrize("path", DQ_PATHS)
-def test_dq_paths_match_float64(path, p, monkeypatch):
-    """Each way the 3-kernel backward forms dQ (its own kernel, or folded into the dK/dV kernel with ordered
-    or atomic adds), with and without dropout: varlen, GQA, causal, seqlen_q != seqlen_k in each sequence,
-    several key blocks per sequence; dropout mask recovered from the kernel."""
-    monkeypatch.setattr(bwd_module, "SHORT_SEQLEN_K", 0)
-    monkeypatch.setattr(attention_module, "fused_dq_mode", lambda *_: DQ_PATHS[path])
-    torch.manual_seed(22)
-    lens_q, lens_k = [70, 9], [41, 100]
-    cu_q = torch.tensor([0, 70, 79], dtype=torch.int32, device=DEVICE)
-    cu_k = torch.tensor([0, 41, 141], dtype=torch.int32, device=DEVICE)
-    h, hk, d = 4, 2, 32
-    q, k, v = rand(79, h, d), rand(141, hk, d), rand(141, hk, d)
-    dout = rand(79, h, d)
-    torch.manual_seed(23)
-    out, grads = run(
-        lambda q, k, v: flash_attn_varlen_func(q, k, v, cu_q, cu_k, 70, 100, dropout_p=p, causal=True),
-        [q, k, v],
-        dout,
-    )
-    torch.manual_seed(23)
-    keep = dropout_mask(2, h, 70, 100, draw_seed() if p else 0, p, DEVICE)
-
-    def ref(q, k, v):
-        outs = []
-        for b, (sq, sk) in enumerate(zip(lens_q, lens_k, strict=True)):
-            a, c = int(cu_q[b]), int(cu_k[b])
-            mask = keep[b : b + 1, :, :sq, :sk]
-            outs.append(
-                attention_ref(q[None, a : a + sq], k[None, c : c + sk], v[None, c : c + sk], causal=True,
-                              dropout_p=p, dropout_mask=mask)[0]
-            )  # fmt: skip
-        return torch.cat(outs)
-
-    ref_out, ref_grads = run(ref, [x.double() for x in (q, k, v)], dout.double())
-    atol = 5e-5 if DT == torch.float32 else 2e-2
-    torch.testing.assert_close(out[0].double(), ref_out[0], atol=atol, rtol=1e-3)
-    for name, a, b in zip("qkv", grads, ref_grads, strict=True):
-        torch.testing.assert_close(a.double(), b, atol=atol, rtol=1e-3, msg=lambda m, n=name: f"d{n}: {m}")
-
-
-def test_fused_dq_policy():
-    """dQ is folded into the dK/dV kernel with dropout (ordered adds: deterministic) and whenever
-    deterministic=False (atomic adds), never for block-sparse masks."""
-    assert fused_dq_mode(dropout=False, deterministic=True, sparse=False) == 0
-    assert fused_dq_mode(dropout=True, deterministic=True, sparse=False) == 1
-    assert fused_dq_mode(dropout=False, deterministic=False, sparse=False) == 2
-    assert fused_dq_mode(dropout=True, deterministic=False, sparse=False) == 2
-    assert fused_dq_mode(dropout=True, deterministic=True, sparse=True) == 0
-    assert fused_dq_mode(dropout=False, deterministic=False, sparse=True) == 0
-
-
-def test_nondeterministic_backward_matches(monkeypatch):
-    """deterministic=False reaches the atomic path through the public API and gives the same gradients."""
-    monkeypatch.setattr(bwd_module, "SHORT_SEQLEN_K", 0)
-    seen = []
-    policy = attention_module.fused_dq_mode
-    monkeypatch.setattr(attention_module, "fused_dq_mode", lambda *a: seen.append(policy(*a)) or seen[-1])
-    torch.manual_seed(24)
-    q, k, v, dout = rand(1, 90, 2, 32), rand(1, 90, 2, 32), rand(1, 90, 2, 32), rand(1, 90, 2, 32)
-    _, g_det = run(lambda q, k, v: flash_attn_func(q, k, v, causal=True), [q, k, v], dout)
-    _, g_any = run(
-        lambda q, k, v: flash_attn_func(q, k, v, causal=True, deterministic=False), [q, k, v], dout
-    )
-    assert seen == [0, 2]
-    tol = dict(atol=1e-5, rtol=1e-5) if DT == torch.float32 else dict(atol=2e-3, rtol=2e-3)
-    for a, b in zip(g_det, g_any, strict=True):
-        torch.testing.assert_close(a, b, **tol)
-
-
 def test_gradient_of_lse_sum(bwd_path):
     """lse.sum() sends back an expanded (stride 0) dlse; the kernels must read it as lse-shaped."""
     torch.manual_seed(17)
@@ -700,12 +625,10 @@ def test_gpu_varlen_sparse_dropout(dtype):
 
 
 @needs_cuda
-@pytest.mark.parametrize("path", ["fused_ordered", "fused_atomic"])
 @pytest.mark.parametrize("d", [64, 128])
-def test_gpu_dropout_backward_every_tile(d, path, monkeypatch):
-    """Every dK/dV tile the autotuner may run with dropout ((queries x keys) score tiles, dQ folded in)
-    gives right gradients: bf16, causal, GQA, a ragged length, mask recovered from the kernel."""
-    monkeypatch.setattr(attention_module, "fused_dq_mode", lambda *_: DQ_PATHS[path])
+def test_gpu_dropout_backward_every_tile(d, monkeypatch):
+    """Every dK/dV tile the autotuner may run with dropout ((queries x keys) score tiles) gives right
+    gradients: bf16, causal, GQA, a ragged length, mask recovered from the kernel."""
     kernel = bwd_module._bwd_dkdv_kernel
     with monkeypatch.context() as m:
         m.setenv("FLASHREPRO_AUTOTUNE", "1")  # every tile autotuning may pick, not only the first
@@ -747,21 +670,13 @@ def test_gpu_one_launch_backward_bf16(causal):
 
 
 @needs_cuda
-@pytest.mark.parametrize("p", [0.0, 0.1])
-def test_gpu_bitwise_deterministic_backward(p):
-    """Bitwise-identical gradients run to run; with dropout this is the fused dQ with ordered adds, where
-    many key blocks' programs add into each query block at once."""
+def test_gpu_bitwise_deterministic_backward():
     torch.manual_seed(0)
     q, k, v = (rand(2, 4096, 8, 64, dtype=torch.bfloat16) for _ in range(3))
     dout = rand(2, 4096, 8, 64, dtype=torch.bfloat16)
-
-    def grads():
-        torch.manual_seed(1)
-        return run(lambda q, k, v: flash_attn_func(q, k, v, dropout_p=p, causal=True), [q, k, v], dout)[1]
-
-    runs = [grads() for _ in range(3)]
-    for g in runs[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(g, runs[0], strict=True))
+    grads = [run(lambda q, k, v: flash_attn_func(q, k, v, causal=True), [q, k, v], dout)[1] for _ in range(3)]
+    for g in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(g, grads[0], strict=True))
 
 
 @needs_cuda
@@ -857,4 +772,4 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("sm_90")]
-    assert len(lines) == 12, proc.stdout  # 6 kernels (3 dK/dV variants) x 2 flag combinations
+    assert len(lines) == 8, proc.stdout
