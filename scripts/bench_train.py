@@ -173,6 +173,7 @@ def run_config(cfg: Config, args: argparse.Namespace, device: torch.device, peak
             losses.append(train_step())
             times_ms.append((time.perf_counter() - t0) * 1e3)
     step_ms = statistics.median(times_ms)
+    profile = kernel_profile(train_step, args.profile) if args.profile and device.type == "cuda" else None
     tokens_per_s = cfg.batch_size * cfg.seq_len / (step_ms / 1e3)
     flops_per_token = model.flops_per_token(cfg.seq_len)
     final_loss = losses[-1].item()
@@ -188,6 +189,39 @@ def run_config(cfg: Config, args: argparse.Namespace, device: torch.device, peak
         "mfu": flops_per_token * tokens_per_s / (peak * 1e12) if peak else None,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "final_loss": final_loss,
+        **({"profile": profile} if profile else {}),
+    }
+
+
+# Our attention kernels' names in a profile (kernels/flash_fwd.py, kernels/flash_bwd.py).
+ATTENTION_KERNELS = (
+    "_fwd_kernel",
+    "_bwd_preprocess",
+    "_bwd_dkdv_kernel",
+    "_bwd_dq_kernel",
+    "_bwd_short_kernel",
+)
+
+
+def kernel_profile(train_step, steps: int) -> dict:
+    """GPU time per step of each kernel over `steps` profiled steps (torch.profiler): the top 12 kernels,
+    our attention kernels' sum and the total, in ms per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            train_step()
+        torch.cuda.synchronize()
+    per_kernel: dict[str, float] = {}
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[evt.name] = per_kernel.get(evt.name, 0.0) + evt.device_time / 1e3 / steps
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])
+    return {
+        "total_ms": sum(per_kernel.values()),
+        "attention_ms": sum(t for name, t in per_kernel.items() if name.startswith(ATTENTION_KERNELS)),
+        "attention_kernels_ms": {n: t for n, t in top if n.startswith(ATTENTION_KERNELS)},
+        "top_kernels_ms": dict((n[:100], t) for n, t in top[:12]),
     }
 
 
@@ -247,6 +281,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="force every config to this micro-batch")
     parser.add_argument("--out", type=Path, default=Path("results/train"))
     parser.add_argument("--list", action="store_true", help="print the config names and exit")
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="STEPS",
+        help="after timing, profile STEPS more steps and record GPU ms per step by kernel (CUDA only)",
+    )  # fmt: skip
     args = parser.parse_args()
 
     configs = []
@@ -321,6 +359,13 @@ def main() -> None:
                 f"{row['step_ms_median']:8.1f} ms/step  ({row['wall_s']:.0f}s)",
                 flush=True,
             )
+            if "profile" in row:
+                prof = row["profile"]
+                print(
+                    f"  GPU {prof['total_ms']:.1f} ms/step, our attention kernels {prof['attention_ms']:.1f}"
+                )
+                for name, ms in prof["top_kernels_ms"].items():
+                    print(f"    {ms:7.2f}  {name}")
         else:
             print(f"{cfg.name:28s} {row['status']}", flush=True)
     print(f"done in {time.time() - t_start:.0f}s -> {args.out / slug}.json, .md", flush=True)
