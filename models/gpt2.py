@@ -194,8 +194,7 @@ class GPT2(nn.Module):
         # The output projection runs on the embedding padded with zero rows to a multiple of 64 and the
         # logits are sliced back: the same values, but GEMMs over 50304 rather than the odd 50257 columns,
         # which sent cuBLAS to an unaligned kernel (8.4 of 59 ms per compiled 4K step on an H100).
-        weight = self.lm_head.weight
-        weight = F.pad(weight, (0, 0, 0, -self.vocab_size % VOCAB_ALIGN))
+        weight = F.pad(self.lm_head.weight, (0, 0, 0, -self.vocab_size % VOCAB_ALIGN))
         return F.linear(self.transformer.ln_f(x), weight)[..., : self.vocab_size]
 
     def _resolve_attn_impl(self, device: torch.device) -> str:
