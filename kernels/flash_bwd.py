@@ -26,13 +26,14 @@ from kernels.flash_fwd import (
     NO_SPECIALIZE,
     autotuning,
     bench_config,
-    dropout_bits,
+    block_start,
     dropout_keep,
+    dropout_numbers,
     dropout_select,
     dropout_select2,
+    dropout_words,
     interpreting,
     sequence_start,
-    sparse_position,
 )
 
 
@@ -80,16 +81,17 @@ def _bwd_dkdv_inner(
     (P * (Z * dP - keep_prob * D))^T Q to dk, and the caller multiplies both by 1 / keep_prob.
     Without dropout the score tiles are (keys x queries), so dV += P^T dO takes P from registers as it
     is (6% faster). With dropout they are (queries x keys) like the forward pass, where the dropout mask
-    is made in the threads that use it (`dropout_bits`), and P^T, dS^T go to the MMA through shared memory.
+    is made in the threads that use it (`dropout_numbers`), and P^T, dS^T go to the MMA through shared memory.
     SPARSE: lo .. hi count positions in the concatenation of the query blocks listed at `sparse_idx`.
     """
     offs_m0 = tl.arange(0, BLOCK_M)
     d_ok = offs_d < HEAD_DIM
+    if DROPOUT_MODE:
+        # Philox words of the first query block; each iteration makes the next block's (`dropout_words`).
+        start_m = block_start(sparse_idx, lo, SPARSE)
+        w0, w1, w2, w3 = dropout_words(seed, bh, start_m + offs_m0, start_n, BLOCK_N)
     for it in tl.range(lo, hi, BLOCK_M):
-        if SPARSE:
-            start_m = sparse_position(sparse_idx, it)
-        else:
-            start_m = it
+        start_m = block_start(sparse_idx, it, SPARSE)
         offs_m = start_m + offs_m0
         q_ptrs = q_base + offs_m[:, None] * stride_qt + offs_d[None, :]
         do_ptrs = do_base + offs_m[:, None] * stride_dot + offs_d[None, :]
@@ -122,7 +124,7 @@ def _bwd_dkdv_inner(
             # 16 bits and chosen by the same comparison that zeroes the dropped P for dV.
             p_d = p * (-delta * keep_prob)[:, None]
             p16 = p.to(q.dtype)
-            x = dropout_bits(seed, bh, offs_m, start_n, BLOCK_N)
+            x = dropout_numbers(w0, w1, w2, w3, BLOCK_N)
             pz, ds = dropout_select2(
                 x,
                 drop_bound,
@@ -134,6 +136,9 @@ def _bwd_dkdv_inner(
             )
             dv = tl.dot(tl.trans(pz), do, dv)
             dk = tl.dot(tl.trans(ds), q, dk)
+            if it + BLOCK_M < hi:  # while the tensor cores compute dV and dK
+                next_rows = block_start(sparse_idx, it + BLOCK_M, SPARSE) + offs_m0
+                w0, w1, w2, w3 = dropout_words(seed, bh, next_rows, start_n, BLOCK_N)
         else:
             # (keys x queries) tiles: dV += P^T dO takes P from registers as it is.
             pT = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
@@ -161,11 +166,11 @@ def _bwd_dq_inner(
     """
     offs_n0 = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
+    if DROPOUT_MODE:
+        # Philox words of the first key block; each iteration makes the next block's (`dropout_words`).
+        w0, w1, w2, w3 = dropout_words(seed, bh, offs_m, block_start(sparse_idx, lo, SPARSE), BLOCK_N)
     for it in tl.range(lo, hi, BLOCK_N):
-        if SPARSE:
-            start_n = sparse_position(sparse_idx, it)
-        else:
-            start_n = it
+        start_n = block_start(sparse_idx, it, SPARSE)
         cols = start_n + offs_n0
         k_ptrs = k_base + cols[None, :] * stride_kt + offs_d[:, None]
         v_ptrs = v_base + cols[None, :] * stride_vt + offs_d[:, None]
@@ -190,11 +195,16 @@ def _bwd_dq_inner(
         if DROPOUT_MODE:
             # dS = P * (Z * dP - D): P * dP - P * D where kept, -P * D where dropped (16-bit select).
             p_d = p * -delta[:, None]
-            x = dropout_bits(seed, bh, offs_m, start_n, BLOCK_N)
+            x = dropout_numbers(w0, w1, w2, w3, BLOCK_N)
             ds = dropout_select(x, drop_bound, (p * dp + p_d).to(kT.dtype), p_d.to(kT.dtype), DROPOUT_MODE)
         else:
             ds = (p * (dp - delta[:, None])).to(kT.dtype)
         dq = tl.dot(ds, tl.trans(kT), dq)
+        if DROPOUT_MODE:
+            if it + BLOCK_N < hi:  # while the tensor cores compute dS K
+                w0, w1, w2, w3 = dropout_words(
+                    seed, bh, offs_m, block_start(sparse_idx, it + BLOCK_N, SPARSE), BLOCK_N
+                )
     return dq
 
 
@@ -219,6 +229,7 @@ def _bwd_configs() -> list:
             (64, 128, 8, 3),
             (32, 64, 4, 2),
             (64, 64, 8, 3),
+            (64, 64, 4, 3),
             (128, 128, 8, 2),
             (128, 64, 8, 2),
             (16, 64, 4, 2),
@@ -355,6 +366,7 @@ def _dq_configs() -> list:
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in [
             (128, 32, 8, 2),
+            (128, 32, 8, 3),
             (128, 64, 8, 2),
             (128, 64, 8, 3),
             (64, 64, 4, 2),

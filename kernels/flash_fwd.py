@@ -145,20 +145,16 @@ def _split16(r0, r1, r2, r3):
 
 
 @triton.jit
-def dropout_bits(seed, bh, rows, start_n, BLOCK_N: tl.constexpr, ROUNDS: tl.constexpr = 7):
-    """Random numbers (len(rows), BLOCK_N) uint16 for columns start_n .. start_n + BLOCK_N of head `bh`.
+def dropout_words(seed, bh, rows, start_n, BLOCK_N: tl.constexpr, ROUNDS: tl.constexpr = 7):
+    """The Philox words behind `dropout_bits`: four uint32 tensors of shape (len(rows) // 16, 8, BLOCK_N // 32, 4).
 
-    One Philox4x32-7 call (counter (16R + r, 4g + t, bh, 0), key = seed) makes the numbers of 16 elements:
-    rows 16R + r and 16R + r + 8 (r < 8) by columns 32g + 8j + 2t + e (j < 4, e < 2). These are the
-    elements one thread holds of a tensor-core accumulator tile (Hopper wgmma and Ampere mma.sync), so
-    every number is made in the thread that uses it: no data moves between threads, whatever the tile
-    shape. The numbers depend only on the element's position and the seed, never on the tiling.
-
-    Word j of the call, with bytes (b3, b2, b1, b0), gives (b1, b0) and (b3, b2) to the upper row's
-    columns e = 0, 1 and (b2, b1), (b0, b3) to the lower row's: every byte leads one number and trails
-    another, so 8 random bits per element. Two elements interact only when a leading byte ties the bound's
-    (probability ~1/256): their drop decisions correlate by 0.1% at dropout_p = 0.1 (the tests bound it by
-    1%). len(rows) and BLOCK_N must be multiples of 16 and 32, starting at multiples of 16 and 32.
+    Call (R, r, g, t) is Philox4x32-7 of counter (bh, 4g + t, 0, 16R + r) with key = seed, where rows
+    16R + r are the upper rows of `rows` and 4g + t counts groups of 8 columns from column 0. The head and
+    a zero fill the two words Philox's first round multiplies, and the row and the column group enter by
+    XOR: whichever of the two stays fixed over a loop (rows in the forward and dQ kernels, columns in dK/dV),
+    the compiler hoists the products that depend on it alone, four of the fourteen, out of the loop.
+    The kernels compute the next block's words right after issuing the block's last product, so Philox
+    runs while the tensor cores work, and turn them into numbers (`dropout_numbers`) one iteration later.
     ROUNDS (7) is lowered only by scripts/dropout_cost.py.
     """
     tl.static_assert(BLOCK_N % 32 == 0, "dropout needs key tiles that are a multiple of 32")
@@ -166,20 +162,46 @@ def dropout_bits(seed, bh, rows, start_n, BLOCK_N: tl.constexpr, ROUNDS: tl.cons
     tl.static_assert(M % 16 == 0, "dropout needs query tiles that are a multiple of 16")
     grp = (start_n // 32 + tl.arange(0, BLOCK_N // 32))[:, None] * 4 + tl.arange(0, 4)[None, :]  # 4g + t
     upper, _ = tl.split(tl.permute(tl.reshape(rows, (M // 16, 2, 8)), (0, 2, 1)))  # rows 16R + r: (R, r)
-    c0 = upper[:, :, None, None] + grp[None, None, :, :] * 0
-    c1 = grp[None, None, :, :] + upper[:, :, None, None] * 0
-    c2 = c0 * 0 + bh
-    # The row and head go into the two words Philox's first round multiplies: when the rows stay fixed
-    # over a key loop, the compiler hoists part of the first three rounds out of it.
-    r0, r1, r2, r3 = philox4x32(
-        seed, c0.to(tl.uint32), c1.to(tl.uint32), c2.to(tl.uint32), c2.to(tl.uint32) * 0, ROUNDS
+    row = upper[:, :, None, None] + grp[None, None, :, :] * 0
+    col = grp[None, None, :, :] + upper[:, :, None, None] * 0
+    head = row * 0 + bh
+    return philox4x32(
+        seed, head.to(tl.uint32), col.to(tl.uint32), head.to(tl.uint32) * 0, row.to(tl.uint32), ROUNDS
     )
+
+
+@triton.jit
+def dropout_numbers(r0, r1, r2, r3, BLOCK_N: tl.constexpr):
+    """16-bit random numbers (16 * r0.shape[0], BLOCK_N) uint16 from the words of `dropout_words`.
+
+    Word j of call (R, r, g, t), with bytes (b3, b2, b1, b0), gives (b1, b0) and (b3, b2) to row 16R + r,
+    columns 32g + 8j + 2t + e for e = 0, 1, and (b2, b1), (b0, b3) to row 16R + r + 8. These 16 elements
+    are the ones one thread holds of a tensor-core accumulator tile (Hopper wgmma and Ampere mma.sync), so
+    every number is made in the thread that uses it: no data moves between threads, whatever the tile
+    shape. The numbers depend only on the element's position and the seed, never on the tiling.
+
+    Every byte leads one number and trails another, so 8 random bits per element. Two elements interact only
+    when a leading byte ties the bound's (probability ~1/256): their drop decisions correlate by 0.1% at
+    dropout_p = 0.1 (the tests bound it by 1%).
+    """
+    M: tl.constexpr = r0.shape[0] * 16
     r0r, r1r, r2r, r3r = _rotr8(r0), _rotr8(r1), _rotr8(r2), _rotr8(r3)
     x_up = _split16(r0, r1, r2, r3)  # (R, r, g, t, e, j % 2, j // 2)
     x_lo = _split16(r0r, r1r, r2r, r3r)
     x = tl.join(x_up, x_lo)  # (R, r, g, t, e, j % 2, j // 2, h)
     x = tl.permute(x, (0, 7, 1, 2, 6, 5, 3, 4))  # (R, h, r, g, j // 2, j % 2, t, e)
     return tl.reshape(x, (M, BLOCK_N))
+
+
+@triton.jit
+def dropout_bits(seed, bh, rows, start_n, BLOCK_N: tl.constexpr):
+    """Random numbers (len(rows), BLOCK_N) uint16 for columns start_n .. start_n + BLOCK_N of head `bh`.
+
+    len(rows) and BLOCK_N must be multiples of 16 and 32, starting at multiples of 16 and 32
+    (`dropout_words`, `dropout_numbers`).
+    """
+    r0, r1, r2, r3 = dropout_words(seed, bh, rows, start_n, BLOCK_N)
+    return dropout_numbers(r0, r1, r2, r3, BLOCK_N)
 
 
 @triton.jit
@@ -272,6 +294,16 @@ def sparse_position(sparse_idx, it):
 
 
 @triton.jit
+def block_start(sparse_idx, it, SPARSE: tl.constexpr):
+    """First row or column of a loop's block at position `it`: `it` itself, or its real position when the
+    loop walks the nonzero blocks of a block-sparse mask (`sparse_position`)."""
+    if SPARSE:
+        return sparse_position(sparse_idx, it)
+    else:
+        return it
+
+
+@triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
     offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale, seed, bh, drop_bound, sparse_idx,
@@ -285,11 +317,11 @@ def _fwd_inner(
     """
     offs_n = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
+    if DROPOUT_MODE:
+        # Philox words of the first block; each iteration makes the next block's (`dropout_words`).
+        w0, w1, w2, w3 = dropout_words(seed, bh, offs_m, block_start(sparse_idx, lo, SPARSE), BLOCK_N)
     for it in tl.range(lo, hi, BLOCK_N):
-        if SPARSE:
-            start_n = sparse_position(sparse_idx, it)
-        else:
-            start_n = it
+        start_n = block_start(sparse_idx, it, SPARSE)
         cols = start_n + offs_n
         k_ptrs = k_base + cols[None, :] * stride_kt + offs_d[:, None]
         v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
@@ -318,7 +350,7 @@ def _fwd_inner(
         acc = acc * alpha[:, None]
         p = p.to(q.dtype)
         if DROPOUT_MODE:
-            x = dropout_bits(seed, bh, offs_m, start_n, BLOCK_N)
+            x = dropout_numbers(w0, w1, w2, w3, BLOCK_N)
             p = dropout_select(x, drop_bound, p, tl.zeros_like(p), DROPOUT_MODE)
         if MASKED:
             v = tl.load(v_ptrs, mask=(cols[:, None] < seqlen_k) & d_ok[None, :], other=0.0)
@@ -327,6 +359,11 @@ def _fwd_inner(
         else:
             v = tl.load(v_ptrs)
         acc = tl.dot(p, v, acc)
+        if DROPOUT_MODE:
+            if it + BLOCK_N < hi:  # while the tensor cores compute P V
+                w0, w1, w2, w3 = dropout_words(
+                    seed, bh, offs_m, block_start(sparse_idx, it + BLOCK_N, SPARSE), BLOCK_N
+                )
         m_i = m_new
     return acc, l_i, m_i
 

@@ -471,11 +471,12 @@ def write_report(out_dir: Path, data: dict):
         "",
         "`flash_dropout`: dropout 0.1; `flash_mask`: a padding mask (lengths uniform in N-20..N, served by the "
         "varlen path); `flash_dropout_mask`: both. Backward = (fwd+bwd) - fwd. Rows of different N may come "
-        "from different runs (`--paper-seqlens`); `autotuned` says whether our kernels were autotuned for that "
+        "from different runs (`--paper-seqlens`): `run` is the row's date (rows written before dates were "
+        "recorded say `earlier`); `autotuned` says whether our kernels were autotuned for that "
         "N (FLASHREPRO_AUTOTUNE=0 runs use each kernel's first fitting config, to save time).",
         "",
-        "| N | autotuned | method | fwd | bwd | fwd+bwd | peak extra MiB |",
-        "|---|---|---|---|---|---|---|",
+        "| N | run | autotuned | method | fwd | bwd | fwd+bwd | peak extra MiB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in data["paper"]:
         for m in (
@@ -492,7 +493,7 @@ def write_report(out_dir: Path, data: dict):
             x = r.get(m)
             name = m + (f" (density {r['butterfly_density']:.3f})" if m == "block_sparse_butterfly" else "")
             lines.append(
-                f"| {r['seqlen']} | {r.get('autotune', 'n/a')} | {name} | {fmt(x, 'fwd_ms')} | {fmt(x, 'bwd_ms')} | {fmt(x, 'fwd_bwd_ms')} | {fmt(x, 'mem_mb')} |"
+                f"| {r['seqlen']} | {r.get('date', 'earlier')[:10]} | {r.get('autotune', 'n/a')} | {name} | {fmt(x, 'fwd_ms')} | {fmt(x, 'bwd_ms')} | {fmt(x, 'fwd_bwd_ms')} | {fmt(x, 'mem_mb')} |"
             )
     lines += [
         "",
@@ -600,6 +601,8 @@ def main():
         kept = [r for r in data.get(section, [])]
 
         def save(rows):
+            for r in rows:  # rows kept from earlier runs keep their own date
+                r.setdefault("date", env["date"])
             new = {key(r) for r in rows}
             data[section] = sorted([r for r in kept if key(r) not in new] + rows, key=key)
             data["env_by_section"][section] = env

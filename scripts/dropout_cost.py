@@ -1,20 +1,21 @@
-"""Where does in-kernel dropout time go? Times our kernels with variants of `dropout_bits` swapped in.
+"""Where does in-kernel dropout time go? Per-kernel times of our kernels with variants of the Philox words.
 
-Paper setting (batch 16, 8 heads, head dim 64, bf16, non-causal) at one sequence length; each variant runs
-in a fresh process (Triton resolves `dropout_bits` when it first compiles a kernel), with autotuning off
-so every variant uses the same tiles. Variants:
+Paper setting (batch 16, 8 heads, head dim 64, bf16, non-causal). Each variant runs in its own process
+(Triton resolves `dropout_words` when it first compiles a kernel). Variants:
 
     nodrop      dropout_p = 0 (the baseline)
-    ours        the kernels' dropout_bits: one Philox4x32-7 call per 16 thread-owned elements
+    ours        the kernels' dropout: one Philox4x32-7 call per 16 thread-owned elements
     ours0       the same with 0 Philox rounds: everything but the rounds
-    allkeep     numbers computed directly in the score tile's layout, all kept: the cost of the selects
-    hash_full   a cheap per-element hash in the tile's layout: the selects + a few integer ops
-    contiguous  the first version: one call per 8 consecutive columns of a row, joined and reshaped into
-                the tile, which Triton moves between threads through shared memory
+    allkeep     all-zero words, so every element is kept: the selects and the word plumbing alone
 
-Not a correctness test: the variants other than ours do not draw the kernels' dropout mask.
+For each variant and sequence length the autotuner times every config of the forward, dK/dV and dQ
+kernels with CUDA-graph replays; the script prints the five fastest of each (kernel time alone) and
+writes all of them to --out. `--extra-configs` adds candidate tiles that the kernels do not list (more
+warps, register caps); `--jobs J` first compiles every config in J parallel processes so that the timed
+pass finds them in Triton's cache. Not a correctness test: ours0 and allkeep do not draw the kernels'
+dropout mask.
 
-    python scripts/dropout_cost.py [--seqlen 4096] [--variants nodrop,ours,...]   # GPU timings
+    python scripts/dropout_cost.py [--seqlens 1024 2048 4096] [--variants nodrop,ours] [--jobs 14]
     python scripts/dropout_cost.py --inspect     # no GPU: layout conversions and spills of each variant
 
 `--inspect` compiles each kernel with dropout for sm_90 (as scripts/compile_kernels.py does) and counts the
@@ -23,7 +24,6 @@ layout conversions (`ttg.convert_layout`) in its Triton GPU IR, then runs ptxas 
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -34,72 +34,96 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VARIANTS = ["nodrop", "ours", "ours0", "allkeep", "hash_full", "contiguous"]
+VARIANTS = ["nodrop", "ours", "ours0", "allkeep"]
+KERNELS = ["fwd", "dkdv", "dq"]
+# Candidate tiles beyond the kernels' own lists: (BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg).
+EXTRA_CONFIGS = {
+    "fwd": [(128, 64, 8, 3, 128), (64, 128, 4, 2, None), (64, 64, 4, 4, None), (256, 64, 16, 2, None)],
+    "dkdv": [(128, 64, 8, 3, None), (64, 64, 4, 2, 168), (128, 128, 8, 3, None), (64, 128, 4, 2, None)],
+    "dq": [(128, 64, 8, 2, 128), (64, 32, 4, 3, 128), (64, 64, 4, 3, None), (256, 32, 16, 2, None)],
+}
 
 
 def variant_functions() -> dict:
-    from kernels.flash_fwd import dropout_bits
+    from kernels.flash_fwd import dropout_words
 
     @triton.jit
     def ours0(seed, bh, rows, start_n, BLOCK_N: tl.constexpr):
-        return dropout_bits(seed, bh, rows, start_n, BLOCK_N, 0)
+        return dropout_words(seed, bh, rows, start_n, BLOCK_N, 0)
 
     @triton.jit
     def allkeep(seed, bh, rows, start_n, BLOCK_N: tl.constexpr):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        return ((rows[:, None] + cols[None, :]) * 0).to(tl.uint16)  # 0 is below every bound: kept
+        r0, r1, r2, r3 = dropout_words(seed, bh, rows, start_n, BLOCK_N, 0)
+        return r0 * 0, r1 * 0, r2 * 0, r3 * 0  # number 0 is below every bound: kept
 
-    @triton.jit
-    def hash_full(seed, bh, rows, start_n, BLOCK_N: tl.constexpr):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        x = (
-            rows[:, None].to(tl.uint32) * 0x9E3779B1
-            + cols[None, :].to(tl.uint32) * 0x85EBCA77
-            + bh.to(tl.uint32)
-        )
-        x = (x ^ (x >> 15)) * 0x2C1B3C6D
-        return (x >> 16).to(tl.uint16)
-
-    @triton.jit
-    def contiguous(seed, bh, rows, start_n, BLOCK_N: tl.constexpr):
-        groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)
-        c0 = groups[None, :] + rows[:, None] * 0
-        c1 = rows[:, None] + groups[None, :] * 0
-        c2 = c0 * 0 + bh
-        r0, r1, r2, r3 = tl.philox(
-            seed, c0.to(tl.uint32), c1.to(tl.uint32), c2.to(tl.uint32), c2.to(tl.uint32) * 0, 7
-        )
-        lo = tl.join(tl.join(r0 & 0xFFFF, r0 >> 16), tl.join(r1 & 0xFFFF, r1 >> 16))
-        hi = tl.join(tl.join(r2 & 0xFFFF, r2 >> 16), tl.join(r3 & 0xFFFF, r3 >> 16))
-        return tl.reshape(tl.join(lo, hi), (rows.shape[0], BLOCK_N)).to(tl.uint16)
-
-    return dict(ours0=ours0, allkeep=allkeep, hash_full=hash_full, contiguous=contiguous)
+    return dict(ours0=ours0, allkeep=allkeep)
 
 
-def measure(variant: str, n: int) -> dict:
-    import torch
-
+def use_variant(variant: str) -> None:
     import kernels.flash_bwd
     import kernels.flash_fwd
-    from kernels import flash_attn_func
 
     fn = variant_functions().get(variant)
     if fn is not None:
-        kernels.flash_fwd.dropout_bits = fn
-        kernels.flash_bwd.dropout_bits = fn
+        kernels.flash_fwd.dropout_words = kernels.flash_bwd.dropout_words = fn
+
+
+def autotuners() -> dict:
+    import kernels.flash_bwd as b
+    import kernels.flash_fwd as f
+
+    return {"fwd": f._fwd_kernel, "dkdv": b._bwd_dkdv_kernel, "dq": b._bwd_dq_kernel}
+
+
+def config_name(c) -> str:
+    k = c.kwargs
+    cap = f" r{c.maxnreg}" if c.maxnreg else ""
+    return f"{k['BLOCK_M']}x{k['BLOCK_N']} w{c.num_warps} s{c.num_stages}{cap}"
+
+
+def measure(variant: str, seqlens: list[int], extra: bool, compile_only: str | None) -> list[dict]:
+    """Autotune the three kernels at each sequence length; every config's median kernel time (ms).
+
+    compile_only: run each config of that kernel once, untimed (the other kernels keep one config).
+    """
+    import torch
+
+    from kernels import flash_attn_func
+
+    use_variant(variant)
+    tuners = autotuners()
+    for name, tuner in tuners.items():
+        if extra:
+            tuner.configs = tuner.configs + [
+                triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, maxnreg=r)
+                for bm, bn, w, s, r in EXTRA_CONFIGS[name]
+            ]
+        if compile_only:
+            if name != compile_only:
+                tuner.configs = tuner.configs[:1]
+
+            def once(kernel_call, quantiles=None):
+                kernel_call()
+                torch.cuda.synchronize()
+                return [1.0, 1.0, 1.0]
+
+            tuner._do_bench = once
     p = 0.0 if variant == "nodrop" else 0.1
-    torch.manual_seed(0)
-    q, k, v = (
-        torch.randn(16, n, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
-    )
-    do = torch.randn_like(q)
-
-    def fwd_bwd():
-        flash_attn_func(q, k, v, dropout_p=p).backward(do)
-
-    fwd = triton.testing.do_bench(lambda: flash_attn_func(q, k, v, dropout_p=p), warmup=50, rep=300)
-    total = triton.testing.do_bench(fwd_bwd, warmup=50, rep=300, grad_to_none=[q, k, v])
-    return dict(variant=variant, seqlen=n, fwd_ms=fwd, fwd_bwd_ms=total)
+    rows = []
+    for n in seqlens:
+        torch.manual_seed(0)
+        q, k, v = (
+            torch.randn(16, n, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(3)
+        )
+        flash_attn_func(q, k, v, dropout_p=p).backward(torch.randn_like(q))
+        if compile_only:
+            continue
+        row = dict(variant=variant, seqlen=n)
+        for name, tuner in tuners.items():
+            row[name] = {config_name(c): t[0] for c, t in tuner.configs_timings.items()}
+        rows.append(row)
+    return rows
 
 
 def inspect(variants: list[str]) -> None:
@@ -109,59 +133,85 @@ def inspect(variants: list[str]) -> None:
 
     from compile_kernels import compile_kernel, first_configs
 
-    import kernels.flash_bwd
-    import kernels.flash_fwd
-
-    original = kernels.flash_fwd.dropout_bits
     flags = dict(IS_CAUSAL=False, DROPOUT_MODE=1, IS_VARLEN=False)
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas-blackwell"
+    bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     for variant in variants:
-        fn_bits = variant_functions().get(variant, original)
-        kernels.flash_fwd.dropout_bits = kernels.flash_bwd.dropout_bits = fn_bits
+        use_variant(variant)
         for name, (fn, tiles, warps, stages) in first_configs(dropout=True).items():
             k = compile_kernel(fn, {**flags, **tiles}, 90, warps, stages)
             converts = k.asm["ttgir"].count("ttg.convert_layout")
-            usage = "ptxas-blackwell not found"
-            if ptxas.exists():
+            usage = "no bundled ptxas could assemble it"
+            for ptxas in (bindir / "ptxas", bindir / "ptxas-blackwell"):  # newer Triton: the second
+                if not ptxas.exists():
+                    continue
                 with tempfile.TemporaryDirectory() as d:
                     Path(d, "k.ptx").write_text(k.asm["ptx"])
                     cmd = [str(ptxas), "-arch=sm_90a", "-v", "k.ptx", "-o", "k.cubin"]
                     log = subprocess.run(cmd, cwd=d, capture_output=True, text=True)
-                usage = ", ".join(
-                    re.findall(r"Used \d+ registers|\d+ bytes spill stores", log.stdout + log.stderr)
-                )
+                found = re.findall(r"Used \d+ registers|\d+ bytes spill stores", log.stdout + log.stderr)
+                if found:
+                    usage = ", ".join(found)
+                    break
             print(f"{variant:10s} {name:20s} convert_layout x{converts:<3d} {usage}", flush=True)
-        kernels.flash_fwd.dropout_bits = kernels.flash_bwd.dropout_bits = original
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seqlen", type=int, default=4096)
+    ap.add_argument("--seqlens", type=int, nargs="+", default=[1024, 2048, 4096])
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--extra-configs", action="store_true", help="also time EXTRA_CONFIGS")
+    ap.add_argument("--jobs", type=int, default=0, help="compile every config first, in J processes")
+    ap.add_argument("--out", default="dropout_cost.json")
     ap.add_argument("--inspect", action="store_true", help="compile for sm_90 and count, no GPU needed")
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--inspect-child", help=argparse.SUPPRESS)
+    ap.add_argument("--compile-only", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.inspect_child:
-        inspect([args.inspect_child])
+    variants = args.variants.split(",")
+    if args.child:
+        if args.inspect:
+            inspect([args.child])
+        else:
+            rows = measure(args.child, args.seqlens, args.extra_configs, args.compile_only)
+            print("RESULT " + json.dumps(rows), flush=True)
         return
-    if args.inspect:  # one process per variant: Triton resolves dropout_bits once per process
-        for variant in args.variants.split(","):
+    if args.inspect:
+        for variant in variants:  # one process per variant: Triton resolves dropout_words once per process
             if variant != "nodrop":
-                r = subprocess.run(
-                    [sys.executable, __file__, "--inspect-child", variant], capture_output=True, text=True
-                )
+                cmd = [sys.executable, __file__, "--inspect", "--child", variant]
+                r = subprocess.run(cmd, capture_output=True, text=True)
                 print(r.stdout.strip() or r.stderr[-2000:], flush=True)
         return
-    if args.child:
-        print(json.dumps(measure(args.child, args.seqlen)), flush=True)
-        return
-    env = dict(os.environ, FLASHREPRO_AUTOTUNE="0")
-    for variant in args.variants.split(","):
+    extra = ["--extra-configs"] if args.extra_configs else []
+    base = [sys.executable, __file__, *extra, "--seqlens", *map(str, args.seqlens)]
+    if args.jobs:  # the compiled code does not depend on the sequence length: compile at the first
         t0 = time.time()
-        cmd = [sys.executable, __file__, "--child", variant, "--seqlen", str(args.seqlen)]
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        print(r.stdout.strip() or r.stderr[-2000:], f"({time.time() - t0:.0f} s)", flush=True)
+        first = [sys.executable, __file__, *extra, "--seqlens", str(args.seqlens[0])]
+        todo = [[*first, "--child", v, "--compile-only", k] for v in variants for k in KERNELS]
+        running: list[subprocess.Popen] = []
+        while todo or running:
+            while todo and len(running) < args.jobs:
+                running.append(subprocess.Popen(todo.pop(0), stdout=subprocess.DEVNULL))
+            time.sleep(1)
+            running = [p for p in running if p.poll() is None]
+        print(f"compiled every config in {time.time() - t0:.0f} s", flush=True)
+    from bench_attention import environment  # GPU name, clocks, versions, date, command
+
+    data = {"env": environment(), "rows": []}
+    for variant in variants:
+        r = subprocess.run([*base, "--child", variant], capture_output=True, text=True)
+        lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+        if not lines:
+            print(f"{variant} failed:", r.stderr[-3000:], flush=True)
+            continue
+        for row in json.loads(lines[0][len("RESULT ") :]):
+            data["rows"].append(row)
+            best = {name: min(row[name].values()) for name in KERNELS}
+            total = sum(best.values())
+            print(f"== {variant} N={row['seqlen']}: sum of the fastest kernels {total:.3f} ms", flush=True)
+            for name in KERNELS:
+                top = sorted(row[name].items(), key=lambda kv: kv[1])[:5]
+                print(f"   {name:5s}", "  ".join(f"{c}: {t * 1000:.0f} us" for c, t in top), flush=True)
+        Path(args.out).write_text(json.dumps(data, indent=1))
 
 
 if __name__ == "__main__":
