@@ -88,8 +88,8 @@ def _bwd_dkdv_inner(
     d_ok = offs_d < HEAD_DIM
     if DROPOUT_MODE:
         # Philox words of the first query block; each iteration makes the next block's (`dropout_words`).
-        start_m = block_start(sparse_idx, lo, SPARSE)
-        w0, w1, w2, w3 = dropout_words(seed, bh, start_m + offs_m0, start_n, BLOCK_N)
+        first_rows = block_start(sparse_idx, lo, SPARSE) + offs_m0
+        w0, w1, w2, w3 = dropout_words(seed, bh, first_rows, start_n, BLOCK_N)
     for it in tl.range(lo, hi, BLOCK_M):
         start_m = block_start(sparse_idx, it, SPARSE)
         offs_m = start_m + offs_m0
