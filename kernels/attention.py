@@ -79,6 +79,18 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ndim: int, lay
         raise ValueError(f"nheads of q ({nheads}) must be a multiple of nheads of k/v ({nheads_k}) (MQA/GQA)")
 
 
+def _softmax_scale(softmax_scale: float | None, headdim: int) -> float:
+    """The scale to use: 1 / sqrt(headdim) by default; a given one must be a finite number > 0 (the
+    kernels take each block's row maximum before scaling, which a negative scale would turn into a minimum)."""
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(headdim)
+    if not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise ValueError(
+            f"softmax_scale must be a finite number > 0, got {softmax_scale!r}: negate q instead of the scale"
+        )
+    return float(softmax_scale)
+
+
 def _check_dropout(dropout_p: float) -> None:
     if not (0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must satisfy 0 <= dropout_p < 1, got {dropout_p}")
@@ -455,7 +467,7 @@ def flash_attn_func(
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"q and k/v must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
     _check_dropout(dropout_p)
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scale = _softmax_scale(softmax_scale, q.shape[-1])
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     out, lse, _ = _fwd_op(
         q, k, v, None, None, q.shape[1], k.shape[1], None, None, None, None, scale, causal, dropout_p
@@ -498,7 +510,7 @@ def flash_attn_varlen_func(
     _check_cu_seqlens(
         "cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, cu_seqlens_q.numel() - 1, q.device
     )
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scale = _softmax_scale(softmax_scale, q.shape[-1])
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     out, lse, _ = _fwd_op(
         q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
@@ -554,7 +566,7 @@ def block_sparse_flash_attn_func(
         raise ValueError(
             f"block_mask is on {block_mask.device} but q is on {q.device}: move it to {q.device}"
         )
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scale = _softmax_scale(softmax_scale, q.shape[-1])
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     q2k_idx, q2k_cnt, k2q_idx, k2q_cnt = block_sparse_lists(block_mask)
     out, lse, _ = _fwd_op(

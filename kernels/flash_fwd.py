@@ -309,9 +309,14 @@ def _fwd_inner(
     offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale, seed, bh, drop_bound, sparse_idx,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT_MODE: tl.constexpr,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPARSE: tl.constexpr,
+    RAGGED: tl.constexpr = False,
 ):  # fmt: skip
-    """Fold keys lo .. hi (multiples of BLOCK_N, except hi when MASKED) into (acc, l_i, m_i).
+    """Fold keys lo .. hi (multiples of BLOCK_N, except hi when MASKED or RAGGED) into (acc, l_i, m_i).
 
+    MASKED: every block gets the key-end and causal masks (the causal diagonal's blocks).
+    RAGGED: an unmasked loop whose last block may end past seqlen_k: its loads are bounded, and only that
+    block, found by a runtime test, sets the scores of missing keys to -inf. Folding the ragged block into
+    the main loop saves the pipeline start-up a separate loop for it would cost each program.
     SPARSE: lo .. hi count positions in the concatenation of the nonzero key blocks listed at
     `sparse_idx`, so one pipelined loop walks all of them.
     """
@@ -325,7 +330,7 @@ def _fwd_inner(
         cols = start_n + offs_n
         k_ptrs = k_base + cols[None, :] * stride_kt + offs_d[:, None]
         v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
-        if MASKED:
+        if MASKED or RAGGED:
             kT = tl.load(k_ptrs, mask=(cols[None, :] < seqlen_k) & d_ok[:, None], other=0.0)
         elif BLOCK_D != HEAD_DIM:
             kT = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
@@ -342,6 +347,9 @@ def _fwd_inner(
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.math.exp2(qk - m_sub[:, None])
         else:
+            if RAGGED:
+                if start_n + BLOCK_N > seqlen_k:
+                    qk = tl.where(cols[None, :] < seqlen_k, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_sub = m_new
             p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
@@ -352,7 +360,7 @@ def _fwd_inner(
         if DROPOUT_MODE:
             x = dropout_numbers(w0, w1, w2, w3, BLOCK_N)
             p = dropout_select(x, drop_bound, p, tl.zeros_like(p), DROPOUT_MODE)
-        if MASKED:
+        if MASKED or RAGGED:
             v = tl.load(v_ptrs, mask=(cols[:, None] < seqlen_k) & d_ok[None, :], other=0.0)
         elif BLOCK_D != HEAD_DIM:
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
@@ -457,18 +465,11 @@ def _fwd_kernel(
             seqlen_k, causal_shift, qk_scale, seed, bh, drop_bound, SparseIdx + row * sparse_nk,
             SPARSE_MASKED, IS_CAUSAL, DROPOUT_MODE, BLOCK_N, HEAD_DIM, BLOCK_D, True,
         )  # fmt: skip
-    else:
+    elif IS_CAUSAL:
         # Keys [0, full_hi) need no mask; [full_hi, hi) hold the causal diagonal and the ragged end.
-        if IS_CAUSAL:
-            hi = tl.minimum(seqlen_k, start_m + BLOCK_M + causal_shift)
-            full_hi = tl.minimum(
-                (start_m + causal_shift + 1) // BLOCK_N * BLOCK_N, seqlen_k // BLOCK_N * BLOCK_N
-            )
-            hi = tl.maximum(hi, 0)
-            full_hi = tl.maximum(full_hi, 0)
-        else:
-            hi = seqlen_k
-            full_hi = seqlen_k // BLOCK_N * BLOCK_N
+        hi = tl.maximum(tl.minimum(seqlen_k, start_m + BLOCK_M + causal_shift), 0)
+        full_hi = tl.minimum((start_m + causal_shift + 1) // BLOCK_N * BLOCK_N, seqlen_k // BLOCK_N * BLOCK_N)
+        full_hi = tl.maximum(full_hi, 0)
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, full_hi,
             seqlen_k, causal_shift, qk_scale, seed, bh, drop_bound, K,
@@ -478,6 +479,13 @@ def _fwd_kernel(
             acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, full_hi, hi,
             seqlen_k, causal_shift, qk_scale, seed, bh, drop_bound, K,
             True, IS_CAUSAL, DROPOUT_MODE, BLOCK_N, HEAD_DIM, BLOCK_D, False,
+        )  # fmt: skip
+    else:
+        # Every key is allowed: one loop, whose ragged last block (if any) masks the missing keys.
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, seqlen_k,
+            seqlen_k, causal_shift, qk_scale, seed, bh, drop_bound, K,
+            False, IS_CAUSAL, DROPOUT_MODE, BLOCK_N, HEAD_DIM, BLOCK_D, False, RAGGED=True,
         )  # fmt: skip
 
     # Rows that saw no key (causal with seqlen_q > seqlen_k, empty sparse rows) output 0, lse = -inf.

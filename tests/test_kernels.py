@@ -527,11 +527,14 @@ def test_bad_inputs_raise(make, match):
         flash_attn_func(*make())
 
 
-def test_bad_dropout_and_device():
+def test_bad_dropout_scale_and_device():
     q, k, v = _qkv()
     for p in (-0.1, 1.0, 1.5):
         with pytest.raises(ValueError, match="dropout_p must satisfy"):
             flash_attn_func(q, k, v, dropout_p=p)
+    for scale in (-0.5, 0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="softmax_scale must be a finite number > 0"):
+            flash_attn_func(q, k, v, softmax_scale=scale)
     if CUDA:
         with pytest.raises(ValueError, match="one device"):
             flash_attn_func(q, k.cpu(), v)
