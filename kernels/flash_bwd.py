@@ -73,13 +73,9 @@ def _bwd_dkdv_inner(
     start_n, offs_n, offs_d, lo, hi, seqlen_q, causal_shift, qk_scale, seed, bh, drop_bound, keep_prob,
     sparse_idx, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPARSE: tl.constexpr, RAGGED: tl.constexpr = False,
+    SPARSE: tl.constexpr,
 ):  # fmt: skip
     """Add the contributions of query rows lo .. hi to one key block's dK, dV.
-
-    MASKED: bounded loads, and the causal mask where IS_CAUSAL (the diagonal's blocks). RAGGED: bounded
-    loads only, for a loop past the diagonal whose last block may end past seqlen_q: a missing row loads
-    q = dO = 0, so its share of dK and dV is exactly 0 without masking any score.
 
     Dropout is folded in without scaling each element: this adds (P * Z)^T dO to dv and
     (P * (Z * dP - keep_prob * D))^T Q to dk, and the caller multiplies both by 1 / keep_prob.
@@ -99,12 +95,12 @@ def _bwd_dkdv_inner(
         offs_m = start_m + offs_m0
         q_ptrs = q_base + offs_m[:, None] * stride_qt + offs_d[None, :]
         do_ptrs = do_base + offs_m[:, None] * stride_dot + offs_d[None, :]
-        if MASKED or RAGGED:
+        if MASKED:
             m_ok = offs_m < seqlen_q
             q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
             do = tl.load(do_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
             # Rows past the end load q = dO = 0, so they add nothing to dK = dS^T Q and dV = P^T dO; lse = 0
-            # keeps their P finite. (Fill values other than 0 would also stop these loads being pipelined.)
+            # keeps their P finite (1 for a zero score), so 0 * P stays 0.
             lse = tl.load(lse_base + offs_m * stride_lt, mask=m_ok, other=0.0)
             delta = tl.load(delta_base + offs_m * stride_lt, mask=m_ok, other=0.0)
         else:
@@ -163,10 +159,8 @@ def _bwd_dq_inner(
     offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale, seed, bh, drop_bound,
     sparse_idx, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT_MODE: tl.constexpr,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPARSE: tl.constexpr,
-    RAGGED: tl.constexpr = False,
 ):  # fmt: skip
-    """Add the contributions of keys lo .. hi to one query block's dQ (MASKED, RAGGED, SPARSE: as in
-    `_fwd_inner`; RAGGED zeroes the probabilities of the missing keys of the ragged last block).
+    """Add the contributions of keys lo .. hi to one query block's dQ (SPARSE: as in `_fwd_inner`).
 
     With dropout, `delta` arrives multiplied by keep_prob and this adds (P * (Z * dP - delta)) K; the
     caller multiplies by 1 / keep_prob, so no element is scaled one by one.
@@ -181,7 +175,7 @@ def _bwd_dq_inner(
         cols = start_n + offs_n0
         k_ptrs = k_base + cols[None, :] * stride_kt + offs_d[:, None]
         v_ptrs = v_base + cols[None, :] * stride_vt + offs_d[:, None]
-        if MASKED or RAGGED:
+        if MASKED:
             ok = (cols[None, :] < seqlen_k) & d_ok[:, None]
             kT = tl.load(k_ptrs, mask=ok, other=0.0)
             vT = tl.load(v_ptrs, mask=ok, other=0.0)
@@ -198,9 +192,6 @@ def _bwd_dq_inner(
             if IS_CAUSAL:
                 allowed = allowed & (cols[None, :] <= offs_m[:, None] + causal_shift)
             p = tl.where(allowed, p, 0.0)
-        elif RAGGED:
-            if start_n + BLOCK_N > seqlen_k:
-                p = tl.where(cols[None, :] < seqlen_k, p, 0.0)
         dp = tl.dot(do, vT)
         if DROPOUT_MODE:
             # dS = P * (Z * dP - D): P * dP - P * D where kept, -P * D where dropped (16-bit select).
@@ -322,13 +313,14 @@ def _bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     keep_prob = 1.0 / drop_scale
 
-    # Query rows [lo, mid) cross the causal diagonal; [mid, seqlen_q) need no mask but their ragged end's.
+    # Query rows [lo, mid) cross the causal diagonal; [mid, full_end) need no mask; the rest is ragged.
     if IS_CAUSAL:
         lo = tl.maximum(start_n - causal_shift, 0) // BLOCK_M * BLOCK_M
         mid = tl.maximum((start_n + BLOCK_N - 1 - causal_shift + BLOCK_M - 1) // BLOCK_M * BLOCK_M, lo)
     else:
         lo = 0
         mid = 0
+    full_end = seqlen_q // BLOCK_M * BLOCK_M
     q_ceil = (seqlen_q + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     for g in range(0, gqa_group):
         h = hk * gqa_group + g
@@ -354,9 +346,13 @@ def _bwd_dkdv_kernel(
             )  # fmt: skip
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
-                start_n, offs_n, offs_d, mid, seqlen_q, seqlen_q, causal_shift, qk_scale, seed, bh,
+                start_n, offs_n, offs_d, mid, full_end, seqlen_q, causal_shift, qk_scale, seed, bh,
                 drop_bound, keep_prob, Q, False, IS_CAUSAL, DROPOUT_MODE, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False,
-                RAGGED=True,
+            )  # fmt: skip
+            dk, dv = _bwd_dkdv_inner(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
+                start_n, offs_n, offs_d, tl.maximum(mid, full_end), seqlen_q, seqlen_q, causal_shift, qk_scale, seed,
+                bh, drop_bound, keep_prob, Q, True, IS_CAUSAL, DROPOUT_MODE, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False,
             )  # fmt: skip
     _store_dkdv(
         DK + dk_off + hk * stride_dkh, DV + dv_off + hk * stride_dvh, dk * (sm_scale * drop_scale),
@@ -443,11 +439,16 @@ def _bwd_dq_kernel(
             seqlen_k, causal_shift, qk_scale, seed, bh, drop_bound, SparseIdx + row * sparse_nk,
             SPARSE_MASKED, IS_CAUSAL, DROPOUT_MODE, BLOCK_N, HEAD_DIM, BLOCK_D, True,
         )  # fmt: skip
-    elif IS_CAUSAL:
-        # Keys [0, full_hi) need no mask; [full_hi, hi) hold the causal diagonal and the ragged end.
-        hi = tl.maximum(tl.minimum(seqlen_k, start_m + BLOCK_M + causal_shift), 0)
-        full_hi = tl.minimum((start_m + causal_shift + 1) // BLOCK_N * BLOCK_N, seqlen_k // BLOCK_N * BLOCK_N)
-        full_hi = tl.maximum(full_hi, 0)
+    else:
+        if IS_CAUSAL:
+            hi = tl.maximum(tl.minimum(seqlen_k, start_m + BLOCK_M + causal_shift), 0)
+            full_hi = tl.minimum(
+                (start_m + causal_shift + 1) // BLOCK_N * BLOCK_N, seqlen_k // BLOCK_N * BLOCK_N
+            )
+            full_hi = tl.maximum(full_hi, 0)
+        else:
+            hi = seqlen_k
+            full_hi = seqlen_k // BLOCK_N * BLOCK_N
         dq = _bwd_dq_inner(
             dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, full_hi,
             seqlen_k, causal_shift, qk_scale, seed, bh, drop_bound, K,
@@ -457,13 +458,6 @@ def _bwd_dq_kernel(
             dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, full_hi, hi,
             seqlen_k, causal_shift, qk_scale, seed, bh, drop_bound, K,
             True, IS_CAUSAL, DROPOUT_MODE, BLOCK_N, HEAD_DIM, BLOCK_D, False,
-        )  # fmt: skip
-    else:
-        # Every key is allowed: one loop, whose ragged last block (if any) masks the missing keys.
-        dq = _bwd_dq_inner(
-            dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, seqlen_k,
-            seqlen_k, causal_shift, qk_scale, seed, bh, drop_bound, K,
-            False, IS_CAUSAL, DROPOUT_MODE, BLOCK_N, HEAD_DIM, BLOCK_D, False, RAGGED=True,
         )  # fmt: skip
     dq = dq * (sm_scale * drop_scale)
     tl.store(
