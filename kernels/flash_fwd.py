@@ -315,8 +315,10 @@ def _fwd_inner(
 
     MASKED: every block gets the key-end and causal masks (the causal diagonal's blocks).
     RAGGED: an unmasked loop whose last block may end past seqlen_k: its loads are bounded, and only that
-    block, found by a runtime test, sets the scores of missing keys to -inf. Folding the ragged block into
-    the main loop saves the pipeline start-up a separate loop for it would cost each program.
+    block, found by a runtime test, sets the scores of missing keys to -inf. Varlen inputs, where almost
+    every sequence has such a block, use it: with dropout a separate masked loop for that block made the
+    forward up to 28% slower. Dense inputs keep that loop: with N a multiple of the tile it never runs,
+    while the bounds in the main loop cost the dense dropout forward 2-6% (kernels/NOTES.md).
     SPARSE: lo .. hi count positions in the concatenation of the nonzero key blocks listed at
     `sparse_idx`, so one pipelined loop walks all of them.
     """
@@ -465,11 +467,18 @@ def _fwd_kernel(
             seqlen_k, causal_shift, qk_scale, seed, bh, drop_bound, SparseIdx + row * sparse_nk,
             SPARSE_MASKED, IS_CAUSAL, DROPOUT_MODE, BLOCK_N, HEAD_DIM, BLOCK_D, True,
         )  # fmt: skip
-    elif IS_CAUSAL:
-        # Keys [0, full_hi) need no mask; [full_hi, hi) hold the causal diagonal and the ragged end.
-        hi = tl.maximum(tl.minimum(seqlen_k, start_m + BLOCK_M + causal_shift), 0)
-        full_hi = tl.minimum((start_m + causal_shift + 1) // BLOCK_N * BLOCK_N, seqlen_k // BLOCK_N * BLOCK_N)
-        full_hi = tl.maximum(full_hi, 0)
+    elif IS_CAUSAL or not IS_VARLEN:
+        # Keys [0, full_hi) need no mask; [full_hi, hi) hold the causal diagonal and the ragged end (for
+        # dense inputs usually none: their N is mostly a multiple of the tile).
+        if IS_CAUSAL:
+            hi = tl.maximum(tl.minimum(seqlen_k, start_m + BLOCK_M + causal_shift), 0)
+            full_hi = tl.minimum(
+                (start_m + causal_shift + 1) // BLOCK_N * BLOCK_N, seqlen_k // BLOCK_N * BLOCK_N
+            )
+            full_hi = tl.maximum(full_hi, 0)
+        else:
+            hi = seqlen_k
+            full_hi = seqlen_k // BLOCK_N * BLOCK_N
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, full_hi,
             seqlen_k, causal_shift, qk_scale, seed, bh, drop_bound, K,
@@ -481,7 +490,7 @@ def _fwd_kernel(
             True, IS_CAUSAL, DROPOUT_MODE, BLOCK_N, HEAD_DIM, BLOCK_D, False,
         )  # fmt: skip
     else:
-        # Every key is allowed: one loop, whose ragged last block (if any) masks the missing keys.
+        # Varlen, every key allowed: nearly every sequence ends in a ragged block, walked by the main loop.
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, seqlen_k,
             seqlen_k, causal_shift, qk_scale, seed, bh, drop_bound, K,

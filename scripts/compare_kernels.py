@@ -12,7 +12,8 @@ the other on the same GPU. Batch 16, 8 heads, head dim 64, bf16, as in bench_att
   flash_dropout_mask  both
 Autotuning is replaced by one pinned tile per kernel (forward 128x64, 8 warps, 3 stages; dK/dV 64x64, 4
 warps, 3 stages; dQ 128x64, 8 warps, 3 stages), so the trees differ in their code only and no autotuning
-time is spent. Writes <out>/<gpu>-compare.json and prints each tree's times and ratios to its `flash`.
+time is spent. Writes <out>/<gpu>-compare.json and .md and prints each tree's times and ratios to its
+`flash`.
 """
 
 import argparse
@@ -82,9 +83,34 @@ def child(tree: str, seqlens: list[int]) -> dict:
     return out
 
 
+def write_markdown(path: Path, data: dict) -> None:
+    """A table of every run's fwd / bwd / fwd+bwd ms, each with its ratio to the same tree's `flash`."""
+    runs = data["runs"]
+    lines = [
+        f"# Kernel trees compared on one {runs[0]['env']['gpu']}",
+        "",
+        f"`{data['command']}`, torch {runs[0]['env']['torch']}, triton {runs[0]['env']['triton']}.",
+        "Tiles pinned (see the script); batch 16, 8 heads, head dim 64, bf16; ms, and fwd+bwd over the same",
+        "tree's `flash`.",
+        "",
+        "| N | method | " + " | ".join(f"{r['tree']} fwd | bwd | fwd+bwd" for r in runs) + " |",
+        "|---|---|" + "---|---|---|" * len(runs),
+    ]
+    for n in [k for k in runs[0] if k.isdigit()]:
+        for m in METHODS:
+            cells = []
+            for r in runs:
+                t, base = r[n][m], r[n]["flash"]["fwd_bwd_ms"]
+                cells.append(
+                    f"{t['fwd_ms']:.4f} | {t['bwd_ms']:.4f} | {t['fwd_bwd_ms']:.4f} ({t['fwd_bwd_ms'] / base - 1:+.1%})"
+                )
+            lines.append(f"| {n} | {m} | " + " | ".join(cells) + " |")
+    path.write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("trees", nargs="+", help="folders that each hold a copy of the project")
+    ap.add_argument("trees", nargs="*", help="folders that each hold a copy of the project")
     ap.add_argument("--seqlens", type=int, nargs="+", default=[1024, 2048, 4096])
     ap.add_argument("--out", default="results/attention")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -92,6 +118,8 @@ def main() -> None:
     if args.child:
         print("RESULT " + json.dumps(child(args.child, args.seqlens)), flush=True)
         return
+    if not args.trees:
+        ap.error("name at least one folder holding a copy of the project")
     runs = []
     for tree in args.trees:
         t0 = time.time()
@@ -116,8 +144,10 @@ def main() -> None:
     slug = re.sub(r"[^a-z0-9]+", "-", runs[0]["env"]["gpu"].lower()).strip("-")
     path = Path(args.out) / f"{slug}-compare.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"command": " ".join(sys.argv), "runs": runs}, indent=1))
-    print(f"wrote {path}")
+    data = {"command": " ".join(["python", *sys.argv]), "runs": runs}
+    path.write_text(json.dumps(data, indent=1))
+    write_markdown(path.with_suffix(".md"), data)
+    print(f"wrote {path} and .md")
 
 
 if __name__ == "__main__":
