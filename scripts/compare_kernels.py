@@ -48,6 +48,8 @@ def child(tree: str, seqlens: list[int]) -> dict:
     b, h, d = 16, 8, 64
     out = {"env": ba.environment(), "tree": tree}
     for n in seqlens:
+        # The padding mask is built here as bench_attention.bench_paper builds it, not through a shared
+        # helper: this child imports the *tree's* bench_attention, and older trees have no such helper.
         sets, douts = ba.make_inputs(b, n, h, d)
         gen = torch.Generator().manual_seed(n)
         lengths = torch.randint(max(1, n - 20), n + 1, (b,), generator=gen)
