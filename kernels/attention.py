@@ -20,7 +20,6 @@ import triton
 from kernels.flash_bwd import (
     _bwd_dkdv_kernel,
     _bwd_dq_kernel,
-    _bwd_preprocess,
     _bwd_short_kernel,
     short_bwd_tiles,
 )
@@ -241,7 +240,7 @@ def flash_bwd(
     """Launch the backward kernels; returns (dq, dk, dv) in q/k/v's shapes and dtype.
 
     Short key sequences (`kernels.flash_bwd.short_bwd_tiles`) take the one-launch `_bwd_short_kernel`
-    unless block-sparse; the rest take `_bwd_preprocess`, `_bwd_dkdv_kernel` and `_bwd_dq_kernel`.
+    unless block-sparse; the rest take `_bwd_dq_kernel` (which also stores D) and then `_bwd_dkdv_kernel`.
     """
     varlen = cu_seqlens_q is not None
     nheads, d = q.shape[-2], q.shape[-1]
@@ -273,18 +272,7 @@ def flash_bwd(
         )  # fmt: skip
         return dq, dk, dv
 
-    delta = torch.empty_like(lse)
-
-    # D = rowsum(dO * O) - dlse. Packed (varlen) inputs are treated as one long sequence here.
-    rows = q.shape[0] if varlen else q.shape[1]
-    pre_batch = 1 if varlen else batch
-    pre_block = 64
-    _bwd_preprocess[(triton.cdiv(rows, pre_block), pre_batch * nheads)](
-        out, dout, dlse if dlse is not None else lse, delta,
-        *_strides3(out, varlen), *_strides3(dout, varlen), *_lse_strides(lse, varlen), rows, nheads,
-        HAS_DLSE=dlse is not None, HEAD_DIM=d, BLOCK_D=block_d, BLOCK=pre_block,
-    )  # fmt: skip
-
+    delta = torch.empty_like(lse)  # D = rowsum(dO * O) - dlse: written by the dQ kernel, read by dK/dV
     common = dict(
         IS_CAUSAL=causal, DROPOUT_MODE=mode, IS_VARLEN=varlen, IS_SPARSE=q2k_idx is not None,
         HEAD_DIM=d, BLOCK_D=block_d, SPARSE_BLOCK_SIZE=SPARSE_BLOCK,
@@ -292,20 +280,20 @@ def flash_bwd(
     )  # fmt: skip
     buckets = (seqlen_bucket(max_seqlen_q), seqlen_bucket(max_seqlen_k))
 
+    s_idx, s_cnt, s_heads, s_nq, s_nk = _sparse_args(q2k_idx, q2k_cnt, q)
+    _bwd_dq_kernel[lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * nheads)](
+        q, k, v, out, dout, lse, dlse if dlse is not None else lse, delta, dq, cu_q, cu_k, s_idx, s_cnt,
+        *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
+        *_strides3(dout, varlen), *_strides3(dq, varlen), *_lse_strides(lse, varlen), s_heads, s_nq, s_nk,
+        max_seqlen_q, max_seqlen_k, nheads, nheads // nheads_k, softmax_scale * LOG2E, softmax_scale,
+        seed, bound, drop_scale, *buckets, HAS_DLSE=dlse is not None, **common,
+    )  # fmt: skip
     s_idx, s_cnt, s_heads, s_nk, s_nq = _sparse_args(k2q_idx, k2q_cnt, q)
     _bwd_dkdv_kernel[lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), batch * nheads_k)](
         q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, s_idx, s_cnt,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen),
         *_strides3(dk, varlen), *_strides3(dv, varlen), *_lse_strides(lse, varlen), s_heads, s_nk, s_nq,
         max_seqlen_q, max_seqlen_k, nheads_k, nheads // nheads_k, softmax_scale * LOG2E, softmax_scale,
-        seed, bound, drop_scale, *buckets, **common,
-    )  # fmt: skip
-    s_idx, s_cnt, s_heads, s_nq, s_nk = _sparse_args(q2k_idx, q2k_cnt, q)
-    _bwd_dq_kernel[lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * nheads)](
-        q, k, v, dout, lse, delta, dq, cu_q, cu_k, s_idx, s_cnt,
-        *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen),
-        *_strides3(dq, varlen), *_lse_strides(lse, varlen), s_heads, s_nq, s_nk,
-        max_seqlen_q, max_seqlen_k, nheads, nheads // nheads_k, softmax_scale * LOG2E, softmax_scale,
         seed, bound, drop_scale, *buckets, **common,
     )  # fmt: skip
     return dq, dk, dv

@@ -6,14 +6,14 @@ r = 1 / (1 - dropout_p):
     dP = (dO V^T) * Z * r
     dS = P * (dP - D),   D = rowsum(dO * O) - dlse     (dlse: gradient flowing into the returned lse)
     dQ = scale * dS K,   dK = scale * dS^T Q
-Three launches, none with atomics, so gradients are bitwise deterministic:
-  1. `_bwd_preprocess`: D per query row.
+Two launches, none with atomics, so gradients are bitwise deterministic:
+  1. `_bwd_dq_kernel`: one program per query block; it computes D of its rows (and stores it), then
+     walks the key blocks like the forward pass.
   2. `_bwd_dkdv_kernel`: one program per key block of one kv head; it walks the query blocks of every
      query head in its GQA group, so dK and dV are sums formed in registers in a fixed order.
-  3. `_bwd_dq_kernel`: one program per query block; it walks the key blocks like the forward pass.
 Short key sequences (max_seqlen_k <= SHORT_SEQLEN_K at head dim <= 64, half that at head dim 96/128,
 never at 256; not block-sparse) take one launch instead, which matters when launches dominate:
-  4. `_bwd_short_kernel`: one program per (batch, kv head) holds the single key block; it computes D
+  3. `_bwd_short_kernel`: one program per (batch, kv head) holds the single key block; it computes D
      inline, and dQ of each query block is complete after that block, so it also needs no atomics.
 Layouts are those of `kernels.flash_fwd` (dq/dk/dv share q/k/v's layout; D shares lse's).
 """
@@ -33,38 +33,9 @@ from kernels.flash_fwd import (
     dropout_select2,
     dropout_words,
     interpreting,
+    loop_block,
     sequence_start,
 )
-
-
-@triton.jit
-def _bwd_preprocess(
-    Out, DOut, DLse, Delta, stride_ob, stride_ot, stride_oh, stride_db, stride_dt, stride_dh,
-    stride_lb, stride_lh, stride_lt, seqlen, nheads,
-    HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    """Delta[b, h, t] = sum_d Out * DOut - DLse, for BLOCK rows t of one (b, h)."""
-    offs_t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    bh = tl.program_id(1)
-    b = bh // nheads
-    h = bh % nheads
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_t[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(
-        Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_t[:, None] * stride_ot + offs_d[None, :],
-        mask=mask,
-        other=0.0,
-    )
-    do = tl.load(
-        DOut + b.to(tl.int64) * stride_db + h * stride_dh + offs_t[:, None] * stride_dt + offs_d[None, :],
-        mask=mask,
-        other=0.0,
-    )
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    l_ptrs = b.to(tl.int64) * stride_lb + h * stride_lh + offs_t * stride_lt
-    if HAS_DLSE:
-        delta -= tl.load(DLse + l_ptrs, mask=offs_t < seqlen, other=0.0)
-    tl.store(Delta + l_ptrs, delta, mask=offs_t < seqlen)
 
 
 @triton.jit
@@ -86,12 +57,12 @@ def _bwd_dkdv_inner(
     """
     offs_m0 = tl.arange(0, BLOCK_M)
     d_ok = offs_d < HEAD_DIM
+    next_m = block_start(sparse_idx, lo, SPARSE)
     if DROPOUT_MODE:
         # Philox words of the first query block; each iteration makes the next block's (`dropout_words`).
-        first_rows = block_start(sparse_idx, lo, SPARSE) + offs_m0
-        w0, w1, w2, w3 = dropout_words(seed, bh, first_rows, start_n, BLOCK_N)
+        w0, w1, w2, w3 = dropout_words(seed, bh, next_m + offs_m0, start_n, BLOCK_N)
     for it in tl.range(lo, hi, BLOCK_M):
-        start_m = block_start(sparse_idx, it, SPARSE)
+        start_m, next_m = loop_block(sparse_idx, it, hi, next_m, BLOCK_M, SPARSE)
         offs_m = start_m + offs_m0
         q_ptrs = q_base + offs_m[:, None] * stride_qt + offs_d[None, :]
         do_ptrs = do_base + offs_m[:, None] * stride_dot + offs_d[None, :]
@@ -138,8 +109,7 @@ def _bwd_dkdv_inner(
             dv = tl.dot(tl.trans(pz), do, dv)
             dk = tl.dot(tl.trans(ds), q, dk)
             if it + BLOCK_M < hi:  # while the tensor cores compute dV and dK
-                next_rows = block_start(sparse_idx, it + BLOCK_M, SPARSE) + offs_m0
-                w0, w1, w2, w3 = dropout_words(seed, bh, next_rows, start_n, BLOCK_N)
+                w0, w1, w2, w3 = dropout_words(seed, bh, next_m + offs_m0, start_n, BLOCK_N)
         else:
             # (keys x queries) tiles: dV += P^T dO takes P from registers as it is.
             pT = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
@@ -167,11 +137,12 @@ def _bwd_dq_inner(
     """
     offs_n0 = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
+    next_n = block_start(sparse_idx, lo, SPARSE)
     if DROPOUT_MODE:
         # Philox words of the first key block; each iteration makes the next block's (`dropout_words`).
-        w0, w1, w2, w3 = dropout_words(seed, bh, offs_m, block_start(sparse_idx, lo, SPARSE), BLOCK_N)
+        w0, w1, w2, w3 = dropout_words(seed, bh, offs_m, next_n, BLOCK_N)
     for it in tl.range(lo, hi, BLOCK_N):
-        start_n = block_start(sparse_idx, it, SPARSE)
+        start_n, next_n = loop_block(sparse_idx, it, hi, next_n, BLOCK_N, SPARSE)
         cols = start_n + offs_n0
         k_ptrs = k_base + cols[None, :] * stride_kt + offs_d[:, None]
         v_ptrs = v_base + cols[None, :] * stride_vt + offs_d[:, None]
@@ -203,9 +174,7 @@ def _bwd_dq_inner(
         dq = tl.dot(ds, tl.trans(kT), dq)
         if DROPOUT_MODE:
             if it + BLOCK_N < hi:  # while the tensor cores compute dS K
-                w0, w1, w2, w3 = dropout_words(
-                    seed, bh, offs_m, block_start(sparse_idx, it + BLOCK_N, SPARSE), BLOCK_N
-                )
+                w0, w1, w2, w3 = dropout_words(seed, bh, offs_m, next_n, BLOCK_N)
     return dq
 
 
@@ -387,16 +356,17 @@ def _dq_configs() -> list:
 )
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, CuQ, CuK, SparseIdx, SparseCnt,
+    Q, K, V, Out, DO, Lse, DLse, Delta, DQ, CuQ, CuK, SparseIdx, SparseCnt,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
+    stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
     stride_lb, stride_lh, stride_lt, sparse_heads, sparse_nq, sparse_nk,
     seqlen_q, seqlen_k, nheads, gqa_group, qk_scale, sm_scale, seed, drop_bound, drop_scale,
     Q_BUCKET, K_BUCKET,
     IS_CAUSAL: tl.constexpr, DROPOUT_MODE: tl.constexpr, IS_VARLEN: tl.constexpr, IS_SPARSE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPARSE_BLOCK_SIZE: tl.constexpr, SPARSE_MASKED: tl.constexpr,
+    SPARSE_BLOCK_SIZE: tl.constexpr, SPARSE_MASKED: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):  # fmt: skip
+    """dQ of one query block; first D = rowsum(dO * O) - dlse of its rows, stored to Delta for dK/dV."""
     num_m = tl.num_programs(0)
     start_m = (num_m - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
@@ -406,6 +376,7 @@ def _bwd_dq_kernel(
     q_row, k_row, seqlen_q, seqlen_k = sequence_start(CuQ, CuK, b, seqlen_q, seqlen_k, IS_VARLEN)
     b64 = b.to(tl.int64)
     q_off = b64 * stride_qb + q_row * stride_qt
+    o_off = b64 * stride_ob + q_row * stride_ot
     do_off = b64 * stride_dob + q_row * stride_dot
     dq_off = b64 * stride_dqb + q_row * stride_dqt
     l_off = b64 * stride_lb + q_row * stride_lt
@@ -424,9 +395,16 @@ def _bwd_dq_kernel(
     do = tl.load(
         DO + do_off + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :], mask=qd_mask, other=0.0
     )
-    lse = tl.load(Lse + l_off + h * stride_lh + offs_m * stride_lt, mask=m_ok, other=float("inf"))
+    l_ptrs = l_off + h * stride_lh + offs_m * stride_lt
+    lse = tl.load(Lse + l_ptrs, mask=m_ok, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(Delta + l_off + h * stride_lh + offs_m * stride_lt, mask=m_ok, other=0.0)
+    o = tl.load(
+        Out + o_off + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :], mask=qd_mask, other=0.0
+    )
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLse + l_ptrs, mask=m_ok, other=0.0)
+    tl.store(Delta + l_ptrs, delta, mask=m_ok)  # the dK/dV kernel, launched next, reads it
     delta = delta / drop_scale  # times keep_prob: see `_bwd_dq_inner`
     k_base = K + k_off + hk * stride_kh
     v_base = V + v_off + hk * stride_vh

@@ -304,6 +304,21 @@ def block_start(sparse_idx, it, SPARSE: tl.constexpr):
 
 
 @triton.jit
+def loop_block(sparse_idx, it, hi, next_start, BLOCK: tl.constexpr, SPARSE: tl.constexpr):
+    """(start of the block at loop position `it`, start of the next block) for loops over lo .. hi.
+
+    Dense: `it` and it + BLOCK. SPARSE: the start read one iteration earlier (`next_start`, first from
+    `block_start(sparse_idx, lo, True)`), and the next one's read now. A block's K/V (or Q/dO) addresses
+    that waited on an index load of their own iteration made Triton drain every prefetch at the top of
+    each iteration (`cp.async.wait_group 0`), so the block-sparse loops ran with no loads in flight.
+    """
+    if SPARSE:
+        return next_start, sparse_position(sparse_idx, tl.minimum(it + BLOCK, hi - 1))
+    else:
+        return it, it + BLOCK
+
+
+@triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
     offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale, seed, bh, drop_bound, sparse_idx,
@@ -324,11 +339,12 @@ def _fwd_inner(
     """
     offs_n = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
+    next_n = block_start(sparse_idx, lo, SPARSE)
     if DROPOUT_MODE:
         # Philox words of the first block; each iteration makes the next block's (`dropout_words`).
-        w0, w1, w2, w3 = dropout_words(seed, bh, offs_m, block_start(sparse_idx, lo, SPARSE), BLOCK_N)
+        w0, w1, w2, w3 = dropout_words(seed, bh, offs_m, next_n, BLOCK_N)
     for it in tl.range(lo, hi, BLOCK_N):
-        start_n = block_start(sparse_idx, it, SPARSE)
+        start_n, next_n = loop_block(sparse_idx, it, hi, next_n, BLOCK_N, SPARSE)
         cols = start_n + offs_n
         k_ptrs = k_base + cols[None, :] * stride_kt + offs_d[:, None]
         v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
@@ -371,9 +387,7 @@ def _fwd_inner(
         acc = tl.dot(p, v, acc)
         if DROPOUT_MODE:
             if it + BLOCK_N < hi:  # while the tensor cores compute P V
-                w0, w1, w2, w3 = dropout_words(
-                    seed, bh, offs_m, block_start(sparse_idx, it + BLOCK_N, SPARSE), BLOCK_N
-                )
+                w0, w1, w2, w3 = dropout_words(seed, bh, offs_m, next_n, BLOCK_N)
         m_i = m_new
     return acc, l_i, m_i
 

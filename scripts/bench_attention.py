@@ -237,9 +237,12 @@ def bench_paper(seqlens, reps, save):
                 row[name] = res
                 print(f"   {name:24s} {res}", flush=True)
                 continue
-            # CUDA graphs up to 4K: a block-sparse fwd+bwd there is ~1 ms of GPU work, less than the
-            # Python launch path of its five kernels, so plain launches would time the CPU.
-            res = oom_safe(lambda fn=fn, ins=ins, ds=ds: phases(fn, ins, ds, reps, use_graph=n <= 4096))
+            # CUDA graphs, so the GPU's time is measured and not the Python launch path: a block-sparse
+            # fwd+bwd at 8K is ~2.5 ms of GPU work and ~2.5 ms of CPU work per call (kernels/NOTES.md).
+            # Standard attention beyond 4K (tens of GB per call) keeps plain launches, where the CPU is
+            # far ahead anyway, so that no graph memory pool is needed next to it.
+            graph = n <= 4096 or not name.startswith("standard")
+            res = oom_safe(lambda fn=fn, ins=ins, ds=ds, g=graph: phases(fn, ins, ds, reps, use_graph=g))
             if res != "OOM":
                 a, dd = ins[0], ds[0]
                 res["mem_mb"] = oom_safe(

@@ -196,7 +196,6 @@ def run_config(cfg: Config, args: argparse.Namespace, device: torch.device, peak
 # Our attention kernels' names in a profile (kernels/flash_fwd.py, kernels/flash_bwd.py).
 ATTENTION_KERNELS = (
     "_fwd_kernel",
-    "_bwd_preprocess",
     "_bwd_dkdv_kernel",
     "_bwd_dq_kernel",
     "_bwd_short_kernel",

@@ -70,7 +70,12 @@ def first_configs(dropout: bool = False) -> dict:
         "backward dK/dV": (flash_bwd._bwd_dkdv_kernel.fn, dict(BLOCK_M=32, BLOCK_N=128, **shape), 8, 2)
         if not dropout
         else (flash_bwd._bwd_dkdv_kernel.fn, dict(BLOCK_M=64, BLOCK_N=64, **shape), 4, 2),
-        "backward dQ": (flash_bwd._bwd_dq_kernel.fn, dict(BLOCK_M=128, BLOCK_N=32, **shape), 8, 2),
+        "backward dQ": (
+            flash_bwd._bwd_dq_kernel.fn,
+            dict(BLOCK_M=128, BLOCK_N=32, HAS_DLSE=True, **shape),
+            8,
+            2,
+        ),
         "backward, one launch": (
             flash_bwd._bwd_short_kernel,
             dict(BLOCK_M=32, BLOCK_N=128, HEAD_DIM=64, BLOCK_D=64, HAS_DLSE=True),
