@@ -39,6 +39,21 @@ from kernels.flash_fwd import (
 
 
 @triton.jit
+def _lse_base2(lse):
+    """Saved lse (natural log) in base 2, for exp2; rows that saw no key (lse = -inf, P = 0) get +inf."""
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+
+@triton.jit
+def _row_delta(o, do, DLse, l_ptrs, m_ok, HAS_DLSE: tl.constexpr):
+    """D = rowsum(dO * O) - dlse (float32) of a block of query rows; o, do: (rows, BLOCK_D)."""
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLse + l_ptrs, mask=m_ok, other=0.0)
+    return delta
+
+
+@triton.jit
 def _bwd_dkdv_inner(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
     start_n, offs_n, offs_d, lo, hi, seqlen_q, causal_shift, qk_scale, seed, bh, drop_bound, keep_prob,
@@ -83,8 +98,7 @@ def _bwd_dkdv_inner(
                 do = tl.load(do_ptrs)
             lse = tl.load(lse_base + offs_m * stride_lt)
             delta = tl.load(delta_base + offs_m * stride_lt)
-        # Rows that saw no key have lse = -inf and P = 0: treat them as +inf.
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        lse2 = _lse_base2(lse)
         if DROPOUT_MODE:
             # (queries x keys) tiles, as in the forward: the mask is made in the threads that use it.
             p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
@@ -397,13 +411,11 @@ def _bwd_dq_kernel(
     )
     l_ptrs = l_off + h * stride_lh + offs_m * stride_lt
     lse = tl.load(Lse + l_ptrs, mask=m_ok, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse2 = _lse_base2(lse)
     o = tl.load(
         Out + o_off + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :], mask=qd_mask, other=0.0
     )
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    if HAS_DLSE:
-        delta -= tl.load(DLse + l_ptrs, mask=m_ok, other=0.0)
+    delta = _row_delta(o, do, DLse, l_ptrs, m_ok, HAS_DLSE)
     tl.store(Delta + l_ptrs, delta, mask=m_ok)  # the dK/dV kernel, launched next, reads it
     delta = delta / drop_scale  # times keep_prob: see `_bwd_dq_inner`
     k_base = K + k_off + hk * stride_kh
@@ -552,12 +564,9 @@ def _bwd_short_kernel(
                 other=0.0,
             )
             l_ptrs = l_off + h * stride_lh + offs_m * stride_lt
-            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-            if HAS_DLSE:
-                delta -= tl.load(DLse + l_ptrs, mask=m_ok, other=0.0)
+            delta = _row_delta(o, do, DLse, l_ptrs, m_ok, HAS_DLSE)
             # Rows past the end get lse = +inf and rows that saw no key have lse = -inf: both get P = 0.
-            lse = tl.load(Lse + l_ptrs, mask=m_ok, other=float("inf"))
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            lse2 = _lse_base2(tl.load(Lse + l_ptrs, mask=m_ok, other=float("inf")))
             pT = tl.math.exp2(tl.dot(k, qT) * qk_scale - lse2[None, :])
             allowed = n_ok[:, None]
             if IS_CAUSAL:

@@ -308,7 +308,8 @@ def loop_block(sparse_idx, it, hi, next_start, BLOCK: tl.constexpr, SPARSE: tl.c
     """(start of the block at loop position `it`, start of the next block) for loops over lo .. hi.
 
     Dense: `it` and it + BLOCK. SPARSE: the start read one iteration earlier (`next_start`, first from
-    `block_start(sparse_idx, lo, True)`), and the next one's read now. A block's K/V (or Q/dO) addresses
+    `block_start(sparse_idx, lo, True)`), and the next one's read now (the last iteration re-reads the last
+    entry, so nothing past the list is read). A block's K/V (or Q/dO) addresses
     that waited on an index load of their own iteration made Triton drain every prefetch at the top of
     each iteration (`cp.async.wait_group 0`), so the block-sparse loops ran with no loads in flight.
     """

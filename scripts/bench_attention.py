@@ -441,8 +441,13 @@ def fmt(x, key):
     return f"{x[key]:.3g}" if abs(x[key]) < 1 else f"{x[key]:.2f}"
 
 
+def gpu_slug(gpu: str) -> str:
+    """File-name form of a GPU name: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
+    return re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+
+
 def write_report(out_dir: Path, data: dict):
-    slug = re.sub(r"[^a-z0-9]+", "-", data["env"]["gpu"].lower()).strip("-")
+    slug = gpu_slug(data["env"]["gpu"])
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{slug}.json").write_text(json.dumps(data, indent=1))
     e = data["env"]
@@ -591,7 +596,7 @@ def main():
     grid_n = [1024, 4096] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
     warm_up_graphs()
     env = environment()
-    slug = re.sub(r"[^a-z0-9]+", "-", env["gpu"].lower()).strip("-")
+    slug = gpu_slug(env["gpu"])
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{slug}.json"

@@ -13,14 +13,12 @@ tensor once, launches) and a cost per nonzero block, to compare with the dense k
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_attention as ba  # noqa: E402
 
@@ -68,8 +66,7 @@ def main() -> None:
         }
         print("fit", fit, flush=True)
     env = ba.environment()
-    slug = re.sub(r"[^a-z0-9]+", "-", env["gpu"].lower()).strip("-")
-    out = Path(args.out) / f"{slug}-sparse-cost.json"
+    out = Path(args.out) / f"{ba.gpu_slug(env['gpu'])}-sparse-cost.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"env": env, "seqlen": n, "rows": rows, "fit_k_below_n": fit}, indent=1))
     print(f"wrote {out}")
