@@ -476,19 +476,27 @@ def test_block_sparse_short_keys_keep_the_sparse_backward():
 
 
 def test_works_under_torch_compile():
+    """Compiled, the custom ops run; eager, the autograd.Function: the same values and gradients, and
+    with dropout the same mask for the same seed."""
     torch.manual_seed(10)
     q, k, v = rand(1, 40, 2, 32), rand(1, 40, 2, 32), rand(1, 40, 2, 32)
 
     def f(q, k, v):
-        return flash_attn_func(q * 2, k, v, causal=True).sum()
+        return (flash_attn_func(q * 2, k, v, causal=True) * k.sum()).sum()
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    compiled(*leaves).backward()
-    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    f(*ref_leaves).backward()
-    for a, b in zip(leaves, ref_leaves, strict=True):
-        torch.testing.assert_close(a.grad, b.grad)
+    def g(q, k, v):
+        return flash_attn_func(q, k, v, dropout_p=0.3).square().sum()
+
+    for fn in (f, g):
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        torch.manual_seed(1)
+        compiled(*leaves).backward()
+        ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        torch.manual_seed(1)
+        fn(*ref_leaves).backward()
+        for a, b in zip(leaves, ref_leaves, strict=True):
+            torch.testing.assert_close(a.grad, b.grad)
 
 
 # --------------------------------------------------------------------------------------------------
