@@ -24,8 +24,6 @@ import json
 import math
 import os
 import platform
-import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -35,6 +33,8 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gpu_env import gpu_slug, nvidia_smi  # noqa: E402
 
 from kernels import (  # noqa: E402
     block_sparse_flash_attn_func,
@@ -424,13 +424,8 @@ def environment():
         "command": " ".join(sys.argv),
         "autotune": os.environ.get("FLASHREPRO_AUTOTUNE", "1") != "0",
     }
-    try:
-        q = "clocks.sm,clocks.max.sm,clocks.mem,power.limit,driver_version"
-        env["nvidia_smi"] = subprocess.run(
-            ["nvidia-smi", f"--query-gpu={q}", "--format=csv"], capture_output=True, text=True, timeout=20
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        env["nvidia_smi"] = "unavailable"
+    q = "clocks.sm,clocks.max.sm,clocks.mem,power.limit,driver_version"
+    env["nvidia_smi"] = nvidia_smi(f"--query-gpu={q}", "--format=csv")
     return env
 
 
@@ -439,11 +434,6 @@ def fmt(x, key):
     if not isinstance(x, dict):
         return str(x)
     return f"{x[key]:.3g}" if abs(x[key]) < 1 else f"{x[key]:.2f}"
-
-
-def gpu_slug(gpu: str) -> str:
-    """File-name form of a GPU name: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
-    return re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
 
 
 def write_report(out_dir: Path, data: dict):

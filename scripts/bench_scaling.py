@@ -44,7 +44,6 @@ import datetime
 import json
 import math
 import os
-import re
 import shlex
 import shutil
 import socket
@@ -60,6 +59,8 @@ import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from gpu_env import gpu_slug, nvidia_smi  # noqa: E402
+
 from train import read_metrics  # noqa: E402  (the run directory layout is train.py's)
 
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -338,12 +339,8 @@ def gpu_info() -> dict:
     info = {"name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count()}
     query = "--query-gpu=index,name,clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,power.limit"
     # Clocks and limits, then how the GPUs are linked (NVLink / PCIe), which bounds the all-reduce.
-    for key, smi_args in (("nvidia_smi", [query, "--format=csv"]), ("topology", ["topo", "-m"])):
-        try:
-            smi = subprocess.run(["nvidia-smi", *smi_args], capture_output=True, text=True, timeout=30)
-            info[key] = smi.stdout.strip()
-        except (OSError, subprocess.SubprocessError) as err:
-            info[key] = f"unavailable: {err}"
+    info["nvidia_smi"] = nvidia_smi(query, "--format=csv")
+    info["topology"] = nvidia_smi("topo", "-m")
     return info
 
 
@@ -488,8 +485,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("--gpus must include 1: scaling efficiency is relative to one device.")
     args.out.mkdir(parents=True, exist_ok=True)
     gpu = gpu_info()
-    slug = re.sub(r"[^a-z0-9]+", "-", gpu["name"].lower()).strip("-")
-    stem = args.out / (f"{slug}x{max(gpus)}" + (f"-gb{args.global_batch}" if args.global_batch else ""))
+    stem = args.out / (
+        f"{gpu_slug(gpu['name'])}x{max(gpus)}" + (f"-gb{args.global_batch}" if args.global_batch else "")
+    )
     args.log_file = stem.with_suffix(".log")
     args.log_file.write_text("")
     report = {

@@ -28,10 +28,8 @@ import fnmatch
 import gc
 import json
 import math
-import re
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -41,6 +39,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+
+from gpu_env import gpu_slug, nvidia_smi  # noqa: E402
 
 from models.gpt2 import GPT2  # noqa: E402
 from models.gpt2 import SIZES as GPT2_SIZES  # noqa: E402
@@ -96,16 +96,7 @@ def gpu_info(device: torch.device) -> dict:
         return {"name": "cpu"}
     info = {"name": torch.cuda.get_device_name(device)}
     info["capability"] = list(torch.cuda.get_device_capability(device))
-    try:
-        smi = subprocess.run(
-            ["nvidia-smi", "--query-gpu=clocks.sm,clocks.mem,clocks.max.sm", "--format=csv"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        info["nvidia_smi_clocks"] = smi.stdout.strip()
-    except (OSError, subprocess.SubprocessError) as err:
-        info["nvidia_smi_clocks"] = f"unavailable: {err}"
+    info["nvidia_smi_clocks"] = nvidia_smi("--query-gpu=clocks.sm,clocks.mem,clocks.max.sm", "--format=csv")
     return info
 
 
@@ -311,7 +302,7 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = True
     gpu = gpu_info(device)
     peak = args.peak_tflops or peak_tflops(gpu["name"])
-    slug = re.sub(r"[^a-z0-9]+", "-", gpu["name"].lower()).strip("-")
+    slug = gpu_slug(gpu["name"])
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
         "gpu": gpu,

@@ -18,11 +18,12 @@ time is spent. Writes <out>/<gpu>-compare.json and .md and prints each tree's ti
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from gpu_env import gpu_slug
 
 METHODS = ["flash", "flash_n-1", "flash_dropout", "flash_mask", "flash_dropout_mask"]
 
@@ -143,8 +144,7 @@ def main() -> None:
             print(
                 f"{run['tree']} N={n} fwd ms: " + " ".join(f"{m}={run[n][m]['fwd_ms']:.4f}" for m in METHODS)
             )
-    slug = re.sub(r"[^a-z0-9]+", "-", runs[0]["env"]["gpu"].lower()).strip("-")
-    path = Path(args.out) / f"{slug}-compare.json"
+    path = Path(args.out) / f"{gpu_slug(runs[0]['env']['gpu'])}-compare.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {"command": " ".join(["python", *sys.argv]), "runs": runs}
     path.write_text(json.dumps(data, indent=1))

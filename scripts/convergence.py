@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from gpu_env import gpu_slug  # noqa: E402
+
 from train import read_metrics  # noqa: E402  (the run directory layout is train.py's)
 
 # Tiny settings for a CPU check of the whole pipeline (FlashAttention then runs in Triton's interpreter).
@@ -95,10 +96,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def device_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 def run_specs(args: argparse.Namespace) -> dict[str, dict]:
@@ -207,9 +204,9 @@ def write_results(result: dict, out: Path, device: str, wall: float) -> dict:
     result["final_val_loss"] = {n: r["val_loss"][-1] for n, r in runs.items()}
     result["final_val_ppl"] = {n: math.exp(r["val_loss"][-1]) for n, r in runs.items()}
     result["total_wall_s"] = round(wall, 1)
-    json_path = out / f"{slug(device)}.json"
+    json_path = out / f"{gpu_slug(device)}.json"
     json_path.write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, out / f"{slug(device)}.png")
+    plot(result, out / f"{gpu_slug(device)}.png")
     print(f"[convergence] wrote {json_path} and {json_path.with_suffix('.png')}", flush=True)
     return result
 
@@ -239,18 +236,18 @@ def main(argv: list[str] | None = None) -> dict:
         "extra_overrides": args.extra,
         "runs": {},
     }
-    json_path = out / f"{slug(device)}.json"
+    json_path = out / f"{gpu_slug(device)}.json"
     if json_path.exists():  # runs finished by an earlier call with the same settings are kept
         earlier = json.loads(json_path.read_text())
         if all(earlier.get(k) == v for k, v in result.items() if k != "runs"):
             result["runs"] = earlier.get("runs", {})
     total = time.monotonic()
     for name, spec in run_specs(args).items():
-        run_dir = out / "runs" / slug(device) / name
+        run_dir = out / "runs" / gpu_slug(device) / name
         cmd = [sys.executable, "train.py", *train_overrides(args, name, spec, run_dir)]
         print(f"[convergence] {name}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.monotonic()
-        log_path = out / "runs" / slug(device) / f"{name}.log"
+        log_path = out / "runs" / gpu_slug(device) / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "w") as log:
             rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode

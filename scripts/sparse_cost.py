@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_attention as ba  # noqa: E402
+from gpu_env import gpu_slug  # noqa: E402
 
 from kernels import block_sparse_flash_attn_func, flash_attn_func  # noqa: E402
 from kernels.flash_fwd import SPARSE_BLOCK  # noqa: E402
@@ -66,7 +67,7 @@ def main() -> None:
         }
         print("fit", fit, flush=True)
     env = ba.environment()
-    out = Path(args.out) / f"{ba.gpu_slug(env['gpu'])}-sparse-cost.json"
+    out = Path(args.out) / f"{gpu_slug(env['gpu'])}-sparse-cost.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"env": env, "seqlen": n, "rows": rows, "fit_k_below_n": fit}, indent=1))
     print(f"wrote {out}")
