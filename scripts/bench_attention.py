@@ -13,7 +13,9 @@ Writes results/attention/<gpu>.json, <gpu>.md and PNG plots. Everything is measu
             bwd 2.5x, fwd+bwd 3.5x) for ours and torch SDPA pinned to FLASH_ATTENTION (FA2),
             CUDNN_ATTENTION and EFFICIENT_ATTENTION; peak extra memory of fwd+bwd.
 Timing: CUDA-graph replays (fallback: triton.testing.do_bench), median over repeats, after warm-up;
-inputs are rotated among several copies when one set would fit in L2.
+inputs are rotated among several copies when one set would fit in L2. The methods of one row are timed
+in interleaved rounds (A B C, A B C, ...) and each reports the median over rounds, so clock and
+temperature drift during a row does not favour the method that happens to run first.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 from pathlib import Path
 
@@ -143,6 +146,36 @@ def phases(attn, inputs_list, dout_list, reps=20, use_graph=True):
     return {"fwd_ms": t_fwd, "bwd_ms": t_both - t_fwd, "fwd_bwd_ms": t_both}
 
 
+def interleaved(jobs: dict, reps: int, rounds: int) -> dict:
+    """`phases` of every job, name -> (attn, inputs_list, dout_list, use_graph), in `rounds` passes over
+    all jobs; per job the median forward and fwd+bwd over the passes (backward = the difference) and the
+    fwd+bwd of each pass. A job that runs out of memory or fails gives "OOM" or "error: ..." instead."""
+    passes: dict = {name: [] for name in jobs}
+    failed: dict = {}
+    for _ in range(rounds):
+        for name, (attn, inputs_list, dout_list, use_graph) in jobs.items():
+            if name in failed:
+                continue
+            try:
+                passes[name].append(phases(attn, inputs_list, dout_list, reps, use_graph=use_graph))
+            except torch.cuda.OutOfMemoryError:
+                failed[name] = "OOM"
+            except Exception as exc:  # noqa: BLE001 - a backend may not support a shape
+                failed[name] = f"error: {type(exc).__name__}: {str(exc)[:120]}"
+            if name in failed:
+                torch.cuda.empty_cache()
+    out = {}
+    for name, runs in passes.items():
+        if name in failed:
+            out[name] = failed[name]
+            continue
+        fwd = statistics.median(r["fwd_ms"] for r in runs)
+        both = statistics.median(r["fwd_bwd_ms"] for r in runs)
+        out[name] = {"fwd_ms": fwd, "bwd_ms": both - fwd, "fwd_bwd_ms": both}
+        out[name]["fwd_bwd_ms_rounds"] = [r["fwd_bwd_ms"] for r in runs]
+    return out
+
+
 def sdpa(q, k, v, backend, causal=False, dropout_p=0.0):
     """torch's scaled_dot_product_attention pinned to one backend, on our (batch, seqlen, heads, dim) layout."""
     with sdpa_kernel(backend):
@@ -178,7 +211,7 @@ def oom_safe(fn):
 # ---------------------------------------------------------------------------------------------
 
 
-def bench_paper(seqlens, reps, save):
+def bench_paper(seqlens, reps, rounds, save):
     b, h, d = 16, 8, 64
     rows = []
     for n in seqlens:
@@ -230,6 +263,7 @@ def bench_paper(seqlens, reps, save):
                 douts,
             ),
         }
+        jobs = {}
         for name, (fn, ins, ds) in methods.items():
             if name.startswith("standard") and n >= 16384:
                 # Show it does not fit: one plain fwd+bwd attempt, no timing.
@@ -241,9 +275,10 @@ def bench_paper(seqlens, reps, save):
             # fwd+bwd at 8K is ~2.5 ms of GPU work and ~2.5 ms of CPU work per call (kernels/NOTES.md).
             # Standard attention beyond 4K (tens of GB per call) keeps plain launches, where the CPU is
             # far ahead anyway, so that no graph memory pool is needed next to it.
-            graph = n <= 4096 or not name.startswith("standard")
-            res = oom_safe(lambda fn=fn, ins=ins, ds=ds, g=graph: phases(fn, ins, ds, reps, use_graph=g))
-            if res != "OOM":
+            jobs[name] = (fn, ins, ds, n <= 4096 or not name.startswith("standard"))
+        for name, res in interleaved(jobs, reps, rounds).items():
+            if isinstance(res, dict):
+                fn, ins, ds, _ = jobs[name]
                 a, dd = ins[0], ds[0]
                 res["mem_mb"] = oom_safe(
                     lambda fn=fn, a=a, dd=dd: peak_extra_mb(lambda: torch.autograd.grad(fn(*a), a, dd))
@@ -284,7 +319,7 @@ SDPA_BACKENDS = {
 }
 
 
-def bench_grid(seqlens, head_dims, reps, save):
+def bench_grid(seqlens, head_dims, reps, rounds, save):
     rows = []
     for d in head_dims:
         for causal in (False, True):
@@ -297,18 +332,16 @@ def bench_grid(seqlens, head_dims, reps, save):
                 methods = {"flash": lambda q, k, v: flash_attn_func(q, k, v, causal=causal)}
                 for name, backend in SDPA_BACKENDS.items():
                     methods[name] = lambda q, k, v, backend=backend: sdpa(q, k, v, backend, causal=causal)
+                timed = interleaved({m: (fn, sets, douts, True) for m, fn in methods.items()}, reps, rounds)
                 for name, fn in methods.items():
-                    try:
-                        res = phases(fn, sets, douts, reps)
+                    res = timed[name]
+                    if isinstance(res, dict):
                         res["mem_mb"] = peak_extra_mb(
                             lambda fn=fn: torch.autograd.grad(fn(*sets[0]), sets[0], douts[0])
                         )
                         res["fwd_tflops"] = fwd_flops / res["fwd_ms"] / 1e9
                         res["bwd_tflops"] = 2.5 * fwd_flops / res["bwd_ms"] / 1e9
                         res["fwd_bwd_tflops"] = 3.5 * fwd_flops / res["fwd_bwd_ms"] / 1e9
-                    except Exception as exc:  # noqa: BLE001 - a backend may not support a shape
-                        res = f"error: {type(exc).__name__}: {str(exc)[:120]}"
-                        torch.cuda.empty_cache()
                     if isinstance(res, dict) and name != "flash":
                         with torch.no_grad():  # the autotuned kernel against this backend, same inputs
                             a = [x.detach() for x in sets[0]]
@@ -316,7 +349,11 @@ def bench_grid(seqlens, head_dims, reps, save):
                                 (methods["flash"](*a).float() - fn(*a).float()).abs().max().item()
                             )
                     row[name] = res
-                    short = {k: round(v, 1) for k, v in res.items()} if isinstance(res, dict) else res
+                    short = (
+                        {k: round(v, 1) for k, v in res.items() if k != "fwd_bwd_ms_rounds"}
+                        if isinstance(res, dict)
+                        else res
+                    )
                     print(f"   {name:16s} {short}", flush=True)
                 rows.append(row)
                 save(rows)
@@ -471,7 +508,9 @@ def write_report(out_dir: Path, data: dict):
         "varlen path); `flash_dropout_mask`: both. Backward = (fwd+bwd) - fwd. Rows of different N may come "
         "from different runs (`--paper-seqlens`): `run` is the row's date (rows written before dates were "
         "recorded say `earlier`); `autotuned` says whether our kernels were autotuned for that "
-        "N (FLASHREPRO_AUTOTUNE=0 runs use each kernel's first fitting config, to save time).",
+        "N (FLASHREPRO_AUTOTUNE=0 runs use each kernel's first fitting config, to save time). Rows whose "
+        "methods carry `fwd_bwd_ms_rounds` in the JSON were timed in interleaved rounds, each method's "
+        "median round shown.",
         "",
         "| N | run | autotuned | method | fwd | bwd | fwd+bwd | peak extra MiB |",
         "|---|---|---|---|---|---|---|---|",
@@ -563,7 +602,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="a few sizes only (smoke run)")
     ap.add_argument("--skip-paper", action="store_true")
     ap.add_argument("--skip-grid", action="store_true")
-    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--reps", type=int, default=5, help="timed repeats per round")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved passes over the methods of a row")
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--paper-seqlens", type=int, nargs="+", help="paper-setting sequence lengths to (re)run")
     ap.add_argument(
@@ -609,12 +649,13 @@ def main():
         return save
 
     if not args.skip_paper:
-        bench_paper(paper_n, args.reps, saver("paper", lambda r: r["seqlen"]))
+        bench_paper(paper_n, args.reps, args.rounds, saver("paper", lambda r: r["seqlen"]))
     if not args.skip_grid:
         bench_grid(
             grid_n,
             args.head_dims,
             args.reps,
+            args.rounds,
             saver("grid", lambda r: (r["headdim"], r["causal"], r["seqlen"])),
         )
     data["env"] = env

@@ -38,9 +38,9 @@ VARIANTS = ["nodrop", "ours", "ours0", "allkeep"]
 KERNELS = ["fwd", "dkdv", "dq"]
 # Candidate tiles beyond the kernels' own lists: (BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg).
 EXTRA_CONFIGS = {
-    "fwd": [(128, 64, 8, 3, 128), (64, 128, 4, 2, None), (64, 64, 4, 4, None), (256, 64, 16, 2, None)],
-    "dkdv": [(128, 64, 8, 3, None), (64, 64, 4, 2, 168), (128, 128, 8, 3, None), (64, 128, 4, 2, None)],
-    "dq": [(128, 64, 8, 2, 128), (64, 32, 4, 3, 128), (64, 64, 4, 3, None), (256, 32, 16, 2, None)],
+    "fwd": [(128, 64, 8, 3, 128), (64, 128, 4, 2, None), (128, 128, 4, 2, None), (256, 64, 16, 2, None)],
+    "dkdv": [(128, 64, 4, 2, None), (128, 64, 4, 3, None), (128, 32, 4, 3, None), (64, 128, 4, 2, None)],
+    "dq": [(128, 64, 4, 2, None), (64, 64, 4, 3, None), (64, 128, 4, 2, None), (128, 128, 4, 2, None)],
 }
 
 

@@ -636,15 +636,18 @@ def test_gpu_varlen_sparse_dropout(dtype):
 
 
 @needs_cuda
+@pytest.mark.parametrize("which", ["dkdv", "dq"])
 @pytest.mark.parametrize("d", [64, 128])
-def test_gpu_dropout_backward_every_tile(d, monkeypatch):
-    """Every dK/dV tile the autotuner may run with dropout ((queries x keys) score tiles) gives right
-    gradients: bf16, causal, GQA, a ragged length, mask recovered from the kernel."""
-    kernel = bwd_module._bwd_dkdv_kernel
+def test_gpu_dropout_backward_every_tile(which, d, monkeypatch):
+    """Every dK/dV tile ((queries x keys) score tiles with dropout) and every dQ tile the autotuner may
+    run with dropout gives right gradients: bf16, causal, GQA, a ragged length, mask recovered from the
+    kernel."""
+    kernel = {"dkdv": bwd_module._bwd_dkdv_kernel, "dq": bwd_module._bwd_dq_kernel}[which]
+    prune = {"dkdv": bwd_module._prune_dkdv, "dq": bwd_module._prune_bwd}[which]
     with monkeypatch.context() as m:
         m.setenv("FLASHREPRO_AUTOTUNE", "1")  # every tile autotuning may pick, not only the first
-        tiles = bwd_module._prune_dkdv(kernel.configs, {}, HEAD_DIM=d, DROPOUT_MODE=1)
-    assert tiles and all(c.kwargs["BLOCK_M"] >= 64 for c in tiles)
+        tiles = prune(kernel.configs, {}, HEAD_DIM=d, DROPOUT_MODE=1)
+    assert tiles and (which == "dq" or all(c.kwargs["BLOCK_M"] >= 64 for c in tiles))
     b, n, h, hk, p = 2, 333, 4, 2, 0.1
     q, k, v, dout = rand(b, n, h, d, dtype=torch.bfloat16), rand(b, n, hk, d, dtype=torch.bfloat16), \
         rand(b, n, hk, d, dtype=torch.bfloat16), rand(b, n, h, d, dtype=torch.bfloat16)  # fmt: skip
