@@ -44,23 +44,28 @@ VARIANTS = {"fwd": ["ptr", "tma", "tma-ws"], "dq": ["plain", "ahead"]}
 
 
 @triton.jit
+def _block(N, H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's head bh, its first row and column in the (batch * N, H * D) layout, its query rows
+    offs_m, and the key and head-dim offsets of one tile."""
+    bh = tl.program_id(1)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return bh, (bh // H) * N, (bh % H) * D, offs_m, tl.arange(0, BLOCK_N), tl.arange(0, D)
+
+
+@triton.jit
 def _fwd_loop(
     Q, K, V, Out, N, qk_scale, seed, bound,
     DROP: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Dense forward of one query block. Q, K, V, Out: (batch * N, H * D) contiguous."""
-    bh = tl.program_id(1)
-    row0 = (bh // H) * N
-    col0 = (bh % H) * D
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
-    q = tl.load(Q + (row0 + offs_m)[:, None].to(tl.int64) * (H * D) + col0 + offs_d[None, :])
+    bh, row0, col0, offs_m, offs_n, offs_d = _block(N, H, D, BLOCK_M, BLOCK_N)
+    rows = (row0 + offs_m)[:, None].to(tl.int64) * (H * D) + col0 + offs_d[None, :]
+    q = tl.load(Q + rows)
     if TMA:
-        rows = tl.num_programs(1) // H * N
-        desc_k = tl.make_tensor_descriptor(K, [rows, H * D], [H * D, 1], [BLOCK_N, D])
-        desc_v = tl.make_tensor_descriptor(V, [rows, H * D], [H * D, 1], [BLOCK_N, D])
+        total = tl.num_programs(1) // H * N
+        desc_k = tl.make_tensor_descriptor(K, [total, H * D], [H * D, 1], [BLOCK_N, D])
+        desc_v = tl.make_tensor_descriptor(V, [total, H * D], [H * D, 1], [BLOCK_N, D])
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -87,8 +92,7 @@ def _fwd_loop(
         if DROP:
             w0, w1, w2, w3 = dropout_words(seed, bh, offs_m, start_n + BLOCK_N, BLOCK_N)
         m_i = m_new
-    out = (acc / l_i[:, None]).to(Out.dtype.element_ty)
-    tl.store(Out + (row0 + offs_m)[:, None].to(tl.int64) * (H * D) + col0 + offs_d[None, :], out)
+    tl.store(Out + rows, (acc / l_i[:, None]).to(Out.dtype.element_ty))
 
 
 @triton.jit
@@ -98,12 +102,7 @@ def _dq_loop(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """dQ of one query block (no scaling). Q, K, V, DO, DQ: (batch * N, H * D); Lse, Delta: (batch * H * N,)."""
-    bh = tl.program_id(1)
-    row0 = (bh // H) * N
-    col0 = (bh % H) * D
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
+    bh, row0, col0, offs_m, offs_n, offs_d = _block(N, H, D, BLOCK_M, BLOCK_N)
     rows = (row0 + offs_m)[:, None].to(tl.int64) * (H * D) + col0 + offs_d[None, :]
     q = tl.load(Q + rows)
     do = tl.load(DO + rows)
