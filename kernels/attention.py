@@ -403,6 +403,9 @@ def _setup_context(ctx, inputs, output):
         args["dropout_p"],
     )
     ctx.mark_non_differentiable(rng)
+    # An unused lse (the usual case) arrives as None instead of a tensor of zeros: no fill kernel, and
+    # the dQ kernel skips reading dlse (HAS_DLSE).
+    ctx.set_materialize_grads(False)
 
 
 def _grads(bwd, ctx, dout, dlse) -> tuple:

@@ -460,6 +460,29 @@ def test_gradient_of_lse_sum(bwd_path):
         check(f"gradient of input {i}", a, b, c, DT)
 
 
+def test_unused_outputs_get_no_zero_gradients():
+    """An unused lse reaches the backward as None, not as a tensor of zeros to fill and read; with only lse
+    used, out's missing gradient counts as zero and the gradients still match the reference."""
+    torch.manual_seed(19)
+    q, k, v = rand(1, 40, 2, 32), rand(1, 40, 2, 32), rand(1, 40, 2, 32)
+    out = flash_attn_func(*(x.detach().clone().requires_grad_() for x in (q, k, v)))
+    with torch.profiler.profile() as prof:
+        out.backward(rand(1, 40, 2, 32))
+    filled = {e.name for e in prof.events()} & {"aten::zeros", "aten::zero_", "aten::fill_"}
+    assert not filled, f"the backward materialized a zero gradient: {filled}"
+
+    def grads(fn, inputs):
+        leaves = [x.detach().clone().requires_grad_() for x in inputs]
+        fn(*leaves)[1].sum().backward()
+        return [torch.zeros_like(x) if x.grad is None else x.grad for x in leaves]  # lse does not depend on v
+
+    got = grads(lambda q, k, v: flash_attn_func(q, k, v, return_lse=True), [q, k, v])
+    ref = grads(lambda q, k, v: attention_ref(q, k, v, return_lse=True), [x.double() for x in (q, k, v)])
+    same = grads(lambda q, k, v: attention_ref(q, k, v, return_lse=True), [q, k, v])
+    for i, (a, b, c) in enumerate(zip(got, same, ref, strict=True)):
+        check(f"gradient of input {i}", a, b, c, DT)
+
+
 def test_block_sparse_short_keys_keep_the_sparse_backward():
     """Key sequences short enough for the one-launch backward still honour a block mask when sparse."""
     torch.manual_seed(18)
