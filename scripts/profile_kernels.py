@@ -34,6 +34,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_attention as ba  # noqa: E402
+from dropout_cost import config_name  # noqa: E402
 from gpu_env import gpu_slug  # noqa: E402
 
 from kernels import block_sparse_flash_attn_func, butterfly_block_mask, flash_attn_func  # noqa: E402
@@ -159,12 +160,7 @@ def tiles(n: int, out_dir: Path) -> None:
         torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
         row = {"case": case, "seqlen": n}
         for name, tuner in tuners.items():
-            times = {}
-            for c, t in tuner.configs_timings.items():
-                cap = f" r{c.maxnreg}" if c.maxnreg else ""
-                times[f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}{cap}"] = (
-                    round(t[0] * 1000, 1)
-                )
+            times = {config_name(c): round(t[0] * 1000, 1) for c, t in tuner.configs_timings.items()}
             row[name] = dict(sorted(times.items(), key=lambda kv: kv[1]))
             best = next(iter(row[name].items()))
             print(
