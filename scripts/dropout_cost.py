@@ -81,6 +81,19 @@ def config_name(c) -> str:
     return f"{k['BLOCK_M']}x{k['BLOCK_N']} w{c.num_warps} s{c.num_stages}{cap}"
 
 
+def add_tiles(tuner, tiles) -> None:
+    """Append tiles (BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg) to an autotuner's configs."""
+    tuner.configs = tuner.configs + [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, maxnreg=r)
+        for bm, bn, w, s, r in tiles
+    ]
+
+
+def tile_times(tuner) -> dict:
+    """`config_name` -> median time (ms) of every config the autotuner timed at its last tuning."""
+    return {config_name(c): t[0] for c, t in tuner.configs_timings.items()}
+
+
 def measure(variant: str, seqlens: list[int], extra: bool, compile_only: str | None) -> list[dict]:
     """Autotune the three kernels at each sequence length; every config's median kernel time (ms).
 
@@ -94,10 +107,7 @@ def measure(variant: str, seqlens: list[int], extra: bool, compile_only: str | N
     tuners = autotuners()
     for name, tuner in tuners.items():
         if extra:
-            tuner.configs = tuner.configs + [
-                triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, maxnreg=r)
-                for bm, bn, w, s, r in EXTRA_CONFIGS[name]
-            ]
+            add_tiles(tuner, EXTRA_CONFIGS[name])
         if compile_only:
             if name != compile_only:
                 tuner.configs = tuner.configs[:1]
@@ -121,7 +131,7 @@ def measure(variant: str, seqlens: list[int], extra: bool, compile_only: str | N
             continue
         row = dict(variant=variant, seqlen=n)
         for name, tuner in tuners.items():
-            row[name] = {config_name(c): t[0] for c, t in tuner.configs_timings.items()}
+            row[name] = tile_times(tuner)
         rows.append(row)
     return rows
 

@@ -29,12 +29,11 @@ import sys
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_attention as ba  # noqa: E402
-from dropout_cost import config_name  # noqa: E402
+from dropout_cost import add_tiles, autotuners, tile_times  # noqa: E402
 from gpu_env import gpu_slug  # noqa: E402
 
 from kernels import block_sparse_flash_attn_func, butterfly_block_mask, flash_attn_func  # noqa: E402
@@ -147,12 +146,9 @@ def summarize(paths: list[str], out_dir: Path) -> None:
 
 def tiles(n: int, out_dir: Path) -> None:
     """Every config's kernel time (µs) per case, the register-capped ones included."""
-    tuners = {"fwd": ba._fwd_kernel, "dkdv": ba._bwd_dkdv_kernel, "dq": ba._bwd_dq_kernel}
+    tuners = autotuners()
     for name, tuner in tuners.items():
-        tuner.configs = tuner.configs + [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, maxnreg=r)
-            for bm, bn, w, s, r in CAPPED[name]
-        ]
+        add_tiles(tuner, CAPPED[name])
     rows = []
     for case, (fn, q, k, v, dout) in cases(n).items():
         for tuner in tuners.values():
@@ -160,7 +156,7 @@ def tiles(n: int, out_dir: Path) -> None:
         torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
         row = {"case": case, "seqlen": n}
         for name, tuner in tuners.items():
-            times = {config_name(c): round(t[0] * 1000, 1) for c, t in tuner.configs_timings.items()}
+            times = {c: round(t * 1000, 1) for c, t in tile_times(tuner).items()}
             row[name] = dict(sorted(times.items(), key=lambda kv: kv[1]))
             best = next(iter(row[name].items()))
             print(
