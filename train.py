@@ -1,7 +1,8 @@
-"""Train a causal language model with Hydra + Lightning.
+"""Train any task of the project with Hydra + Lightning: `cfg.task` drives `cfg.model` on `cfg.data`.
 
     python train.py                                   # tiny GPT-2 on a small local corpus, CPU-friendly
     python train.py experiment=gpt2                   # GPT-2 small + FlashAttention on OpenWebText
+    python train.py task=masked_lm model=encoder data=stdlib-mlm
     python train.py experiment=gpt2 trainer=ddp trainer.devices=8
     python train.py experiment=gpt2 ckpt_path=null    # start over instead of resuming
 
@@ -22,6 +23,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -29,9 +31,10 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
 
 from models.callbacks import LastCheckpoint
-from models.lm_module import LMModule
+from models.tasks.base import TaskModule
 
 log = logging.getLogger("train")
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 def wandb_offline() -> bool:
@@ -77,64 +80,33 @@ def accumulation_steps(global_batch_size: int | None, micro_batch_size: int, wor
     return global_batch_size // per_step
 
 
-def estimate_training_memory(
-    num_params: int,
-    micro_batch: int,
-    seq_len: int,
-    n_layer: int,
-    n_embd: int,
-    n_head: int,
-    vocab_size: int,
-    attention_stores_scores: bool,
-    activation_bytes: int = 2,
-) -> int:
-    """Rough peak training memory (bytes) of a GPT-2-style model on one device, with AdamW.
+def model_options() -> dict[str, str]:
+    """{`model=` option: the `_target_` it builds}, read from configs/model (following a file's first default
+    when it has no `_target_` of its own)."""
 
-    fp32 weights, gradients and two Adam moments (16 B/param) plus a 16-bit weight copy (2 B/param);
-    activations per layer `s*b*h*(34 + 5*a*s/h)` bytes at 16 bits (Korthikanti et al. 2022, "Reducing
-    Activation Recomputation in Large Transformer Models", eq. 1), without the `5*a*s/h` term when attention
-    does not store its (B, H, T, T) scores (FlashAttention); logits in 16 bits plus their fp32 copy and
-    gradient (10 B per logit). `activation_bytes=4` doubles the activation terms for fp32 training.
-    """
-    s, b, h, a = seq_len, micro_batch, n_embd, n_head
-    per_layer = s * b * h * (34 + (5 * a * s / h if attention_stores_scores else 0))
-    activations = n_layer * per_layer * activation_bytes / 2
-    logits = b * s * vocab_size * (activation_bytes + 8)
-    return int(18 * num_params + activations + logits)
+    def target(name: str) -> str | None:
+        cfg = OmegaConf.load(CONFIG_DIR / "model" / f"{name}.yaml")
+        if "_target_" in cfg:
+            return cfg._target_
+        first = next((d for d in cfg.get("defaults", []) if isinstance(d, str) and d != "_self_"), None)
+        return target(first) if first else None
+
+    options = {p.stem: target(p.stem) for p in sorted((CONFIG_DIR / "model").glob("*.yaml"))}
+    return {name: t for name, t in options.items() if t}
 
 
-def run_memory(cfg: DictConfig, net: torch.nn.Module, precision: str) -> int:
-    """`estimate_training_memory` for the run described by `cfg` (model sizes, micro-batch, attention)."""
-    m = cfg.model
-    attn = str(m.get("attn_impl", m.get("attn_implementation", "flash")))
-    return estimate_training_memory(
-        num_params=sum(p.numel() for p in net.parameters()),
-        micro_batch=cfg.data.batch_size,
-        seq_len=cfg.data.seq_len,
-        n_layer=m.get("n_layer", 12),
-        n_embd=m.get("n_embd", 768),
-        n_head=m.get("n_head", 12),
-        vocab_size=m.get("vocab_size", 50257),
-        attention_stores_scores=attn not in ("flash", "auto", "sdpa"),
-        activation_bytes=4 if str(precision).startswith(("32", "64")) else 2,
+def check_task_and_model(cfg: DictConfig) -> None:
+    """Fail at config time, before any work, when `cfg.task` cannot drive `cfg.model`; the message names
+    the model options that serve the task."""
+    task_cls = hydra.utils.get_class(cfg.task._target_)
+    net_cls = hydra.utils.get_class(cfg.model._target_)
+    choice = HydraConfig.get().runtime.choices.get("model") if HydraConfig.initialized() else None
+    serving = ", ".join(
+        f"model={name}"
+        for name, target in model_options().items()
+        if task_cls.name in getattr(hydra.utils.get_class(target), "tasks", ())
     )
-
-
-def check_fits_on_gpu(cfg: DictConfig, net: torch.nn.Module, trainer: L.Trainer) -> None:
-    """Raise before training when the run clearly cannot fit in the GPU's memory (CUDA only)."""
-    device = trainer.strategy.root_device
-    if device.type != "cuda":
-        return
-    need = run_memory(cfg, net, trainer.precision)
-    have = torch.cuda.get_device_properties(device).total_memory
-    if need > 0.95 * have:
-        raise MemoryError(
-            f"This run needs about {need / 2**30:.1f} GiB per GPU (weights, gradients, AdamW states and "
-            f"activations for data.batch_size={cfg.data.batch_size} x data.seq_len={cfg.data.seq_len}), but "
-            f"{torch.cuda.get_device_name(device)} has {have / 2**30:.1f} GiB. Fix: lower data.batch_size "
-            "(global_batch_size is kept through gradient accumulation), use attn_impl=flash, or spread the "
-            "model over more GPUs (FSDP)."
-        )
+    task_cls.check_network(net_cls, choice, serving)
 
 
 def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: Path) -> str | None:
@@ -182,24 +154,21 @@ def read_metrics(run_dir: Path) -> list[dict[str, float]]:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit `cfg.model` on `cfg.data`, then evaluate the best checkpoint; returns the final metrics."""
+    """Fit `cfg.task` with `cfg.model` on `cfg.data`, then evaluate the best checkpoint; returns the final metrics."""
     output_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = hydra.utils.instantiate(cfg.data)
+    check_task_and_model(cfg)
     net = hydra.utils.instantiate(cfg.model)
-    data_vocab, model_vocab = getattr(datamodule, "vocab_size", None), getattr(net, "vocab_size", None)
-    if data_vocab is not None and model_vocab is not None and data_vocab > model_vocab:
-        raise ValueError(
-            f"The data's tokenizer has {data_vocab} tokens but model.vocab_size={model_vocab}. "
-            "Fix: model.vocab_size=${data.vocab_size} (or a data config with the model's tokenizer)."
-        )
-    module = LMModule(
-        net,
+    module: TaskModule = hydra.utils.instantiate(
+        cfg.task,
+        net=net,
         optimizer=hydra.utils.instantiate(cfg.optim),
         scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         compile=cfg.get("compile", False),
     )
+    datamodule = hydra.utils.instantiate(cfg.data)
+    module.check_data(datamodule)
 
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = []
@@ -219,7 +188,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         f"{trainer.world_size} device(s) x data.batch_size {cfg.data.batch_size} x {accumulate} accumulation "
         f"= {trainer.world_size * cfg.data.batch_size * accumulate} sequences of {cfg.data.seq_len} tokens per step"
     )
-    check_fits_on_gpu(cfg, net, trainer)
+    module.check_fits_on_gpu(trainer, cfg.data.batch_size, cfg.data.seq_len)
 
     for lg in trainer.loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -247,7 +216,7 @@ def finish_wandb(exit_code: int) -> None:
 def fit_and_evaluate(
     cfg: DictConfig,
     trainer: L.Trainer,
-    module: LMModule,
+    module: TaskModule,
     datamodule: L.LightningDataModule,
     ckpt_path: str | None,
 ) -> dict[str, float]:

@@ -45,7 +45,7 @@ HUB_PROBE_TIMEOUT_S = 5.0
 def data_options(local_only: bool = False) -> str:
     """The `data=` choices of configs/data (without Hub sources if local_only), for error messages."""
     names = sorted(
-        p.stem for p in CONFIG_DIR.glob("*.yaml") if not (local_only and "source: hub" in p.read_text())
+        p.stem for p in CONFIG_DIR.glob("[!_]*.yaml") if not (local_only and "source: hub" in p.read_text())
     )
     return ", ".join(f"data={n}" for n in names) + " (data=stdlib needs no download and no files)"
 

@@ -7,66 +7,41 @@ Pipeline (`LMDataModule`):
      and written once per split as a flat uint16 token file `<split>.bin` plus a JSON sidecar
      `<split>.json` in `<cache_dir>/tokens/<slug>-<key>/`;
   3. read through `np.memmap` as windows of seq_len + 1 tokens: window i is tokens[i*seq_len :
-     (i+1)*seq_len + 1], x = window[:-1], y = window[1:]. Batches are (x, y), both int64 of shape
-     (batch_size, seq_len), batch_size being the micro-batch per device. Every token is a target once.
+     (i+1)*seq_len + 1], input_ids = window[:-1], labels = window[1:]. Batches are dicts
+     {"input_ids", "labels"}, both int64 of shape (batch_size, seq_len), batch_size being the micro-batch
+     per device. Every token is a target once.
 
-Token cache. The key is a JSON dict of: the source identity (Hub name/config; or a sha256 over the
+Token cache (`data.cache`). The key is a JSON dict of: the source identity (Hub name/config; or a sha256 over the
 local/stdlib files' names and bytes), the tokenizer identity (kind + sha256 of its files), sample_by and
 the split rule. Files are written to a temporary name in the same folder, fsync'ed and renamed; the
 sidecar (key, split, n_tokens, dtype, byte size, sha256 of the .bin) is written last. On load the sidecar,
 the key, the file size and (unless verify_checksum=False) the sha256 are checked; anything wrong is
 logged and the split is rebuilt, never used.
 
-Training order (deterministic and resumable). A "data epoch" e is the permutation
-``np.random.default_rng([seed, e]).permutation(n_windows)``; its first N * B * W entries (N = n_windows //
-(B*W) micro-batches per rank, B = batch_size, W = world size) are viewed as (N, W, B): micro-batch i of
-rank r is ``perm.reshape(N, W, B)[i, r]``. Ranks read disjoint windows; the union of the W micro-batches
-i is the global micro-batch i a single process with batch B*W would read. Lightning's epochs are these
-epochs (the sampler's ``set_epoch``).
-
-Resume rule. When `train_dataloader()` is built, the start position is derived from the trainer:
-``steps_per_epoch = ceil(num_training_batches / accumulate_grad_batches)`` (Lightning's own count, which
-steps the optimizer on a partial accumulation at the end of an epoch), then ``epoch, step =
-divmod(trainer.global_step, steps_per_epoch)`` and the first micro-batch is ``step *
-accumulate_grad_batches`` of that epoch. (When an epoch's batch count is a multiple of
-accumulate_grad_batches, this is simply ``global_step * accumulate_grad_batches * batch_size`` samples per
-rank into the sequence of epochs.) Lightning restores `global_step` from the checkpoint
-before it builds the train loader (``fit(ckpt_path=...)``), so a resumed run reads exactly the batches
-an uninterrupted one would have read, provided the checkpoint was taken at an optimizer-step boundary
-(ModelCheckpoint's ``every_n_train_steps``, end of epoch, validation at a step boundary). The train
-loader's ``state_dict()`` (saved by Lightning in the checkpoint) records what the order depends on
-(seed, seq_len, batch size, world size, cache key); a resume with different values logs a warning,
-since the batches then differ from the uninterrupted run's.
-
-Validation: windows 0..n_val-1 in order, n_val = all windows or ``val_tokens // seq_len``, rounded down
-to a multiple of W; rank r reads windows r, r + W, r + 2W, ...
+Training order, resume and validation: `data.sampling` (windows are its examples); validation uses
+windows 0..n_val-1, n_val = all windows or ``val_tokens // seq_len``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import math
 import os
 import platform
 import shutil
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
 from data import corpus
+from data.cache import CACHE_FORMAT, check_array, key_digest, write_array
+from data.sampling import ExampleDataModule
 from data.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when the document or token rules change: old caches then no longer match
 SPLITS = ("train", "validation")
 DEFAULT_CACHE_DIR = "~/.cache/flashattn-repro"
 
@@ -74,86 +49,20 @@ DEFAULT_CACHE_DIR = "~/.cache/flashattn-repro"
 # ----------------------------------------------------------------------------- token files
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Run write(fileobj) on a temporary file next to `path`, fsync it, rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; caches may be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def write_token_file(ds, path: Path, key: dict, split: str) -> dict:
-    """Write the "ids" column of `ds` (lists of uint16 ids) as one flat little-endian uint16 file,
-    then its sidecar `path.with_suffix(".json")`. Returns the sidecar dict."""
-    h = hashlib.sha256()
-    n = 0
+    """Write the "ids" column of `ds` (lists of uint16 ids) as one flat uint16 cache array at `path`."""
 
-    def write(f):
-        nonlocal n
+    def chunks():
         for table in ds.with_format("arrow").iter(batch_size=65536):
             for chunk in table.column("ids").chunks:
-                ids = chunk.flatten().to_numpy(zero_copy_only=False).astype("<u2", copy=False)
-                b = ids.tobytes()
-                f.write(b)
-                h.update(b)
-                n += ids.size
+                yield chunk.flatten().to_numpy(zero_copy_only=False)
 
-    _atomic_write(path, write)
-    meta = {
-        "format": CACHE_FORMAT,
-        "split": split,
-        "key": key,
-        "n_tokens": n,
-        "dtype": "uint16",
-        "bytes": 2 * n,
-        "sha256": h.hexdigest(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    _atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
-    return meta
+    return write_array(path, chunks(), key, split, "uint16")
 
 
 def check_token_file(path: Path, key: dict, split: str, verify_checksum: bool) -> tuple[dict | None, str]:
     """(sidecar, "") if `path` is a complete token file for `key`, else (None, reason)."""
-    side = path.with_suffix(".json")
-    if not side.is_file():
-        return None, "no sidecar" if path.exists() else "missing"
-    try:
-        meta = json.loads(side.read_text())
-    except (OSError, ValueError) as e:
-        return None, f"unreadable sidecar ({e})"
-    if meta.get("format") != CACHE_FORMAT or meta.get("split") != split or meta.get("key") != key:
-        return None, "sidecar key does not match this configuration"
-    if meta.get("dtype") != "uint16" or meta.get("bytes") != 2 * meta.get("n_tokens", -1):
-        return None, "sidecar dtype/size fields are inconsistent"
-    if not path.is_file():
-        return None, "token file missing"
-    st = path.stat()
-    if st.st_size != meta["bytes"]:
-        return None, f"size {st.st_size} bytes, sidecar says {meta['bytes']}"
-    if verify_checksum and _sha256_file(path) != meta["sha256"]:
-        return None, "sha256 mismatch"
-    return meta, ""
+    return check_array(path, key, split, "uint16", verify_checksum)
 
 
 def _encode(batch: dict[str, list], tokenizer) -> dict[str, list]:
@@ -165,8 +74,8 @@ def _encode(batch: dict[str, list], tokenizer) -> dict[str, list]:
 
 
 class TokenWindows(Dataset):
-    """Windows of a token file: item i is (x, y), int64 tensors of shape (seq_len,), with
-    x = tokens[i*seq_len : (i+1)*seq_len] and y = tokens[i*seq_len + 1 : (i+1)*seq_len + 1]."""
+    """Windows of a token file: item i is {"input_ids": x, "labels": y}, int64 tensors of shape (seq_len,),
+    with x = tokens[i*seq_len : (i+1)*seq_len] and y = tokens[i*seq_len + 1 : (i+1)*seq_len + 1]."""
 
     def __init__(self, path: Path, n_tokens: int, seq_len: int):
         self.path, self.n_tokens, self.seq_len = Path(path), n_tokens, seq_len
@@ -175,96 +84,24 @@ class TokenWindows(Dataset):
     def __len__(self) -> int:
         return max(0, (self.n_tokens - 1) // self.seq_len)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def window(self, i: int, length: int) -> torch.Tensor:
+        """tokens[i*seq_len : i*seq_len + length] as int64, (length,)."""
         if self._tokens is None:
             self._tokens = np.memmap(self.path, dtype="<u2", mode="r", shape=(self.n_tokens,))
-        w = torch.from_numpy(self._tokens[i * self.seq_len : (i + 1) * self.seq_len + 1].astype(np.int64))
-        return w[:-1], w[1:]
+        return torch.from_numpy(self._tokens[i * self.seq_len : i * self.seq_len + length].astype(np.int64))
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        w = self.window(i, self.seq_len + 1)
+        return {"input_ids": w[:-1], "labels": w[1:]}
 
     def __getstate__(self):
         return {**self.__dict__, "_tokens": None}
 
 
-class TrainSampler(DistributedSampler):
-    """Window indices for one rank, in the order of the module docstring (a pure function of seed and
-    epoch). Epoch `start_epoch` begins at micro-batch `start_batch` (resume); other epochs at 0.
-    Length: the full epoch, N * batch_size, so Lightning's batch counters stay aligned on resume.
-    A DistributedSampler subclass, so Lightning does not wrap it in another one under DDP."""
-
-    def __init__(self, dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int,
-                 start_epoch: int = 0, start_batch: int = 0):  # fmt: skip
-        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.batch_size = batch_size
-        self.n_windows = len(dataset)
-        self.batches_per_epoch = self.n_windows // (batch_size * world_size)
-        self.start_epoch, self.start_batch = start_epoch, start_batch
-        self.epoch = start_epoch  # the loader may be iterated before Lightning calls set_epoch
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch * self.batch_size
-
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """(N, batch_size) window indices of this rank for `epoch`, from micro-batch 0."""
-        n, w, b = self.batches_per_epoch, self.num_replicas, self.batch_size
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
-        return perm[: n * w * b].reshape(n, w, b)[:, self.rank]
-
-    def __iter__(self):
-        first = self.start_batch if self.epoch == self.start_epoch else 0
-        return iter(self.epoch_order(self.epoch)[first:].reshape(-1).tolist())
-
-
-class ValSampler(DistributedSampler):
-    """Windows rank, rank + W, rank + 2W, ... below n_val (a multiple of W)."""
-
-    def __init__(self, dataset: Dataset, n_val: int, rank: int, world_size: int):
-        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=False, drop_last=True)
-        self.n_val = n_val
-
-    def __len__(self) -> int:
-        return self.n_val // self.num_replicas
-
-    def __iter__(self):
-        return iter(range(self.rank, self.n_val, self.num_replicas))
-
-
-class TrainLoader(DataLoader):
-    """DataLoader whose state (what the order depends on) Lightning saves in checkpoints; on resume
-    `load_state_dict` warns if it changed. The position itself comes from the trainer (see module doc)."""
-
-    order: dict = {}  # set by LMDataModule.train_dataloader()
-
-    def state_dict(self) -> dict:
-        return dict(self.order)
-
-    def load_state_dict(self, state: dict) -> None:
-        changed = {k: (state.get(k), v) for k, v in self.order.items() if state.get(k) != v}
-        if changed:
-            log.warning(
-                "resuming with different data-order settings %s (checkpoint -> now): the resumed run does "
-                "not see the batches the interrupted run would have seen.",
-                changed,
-            )
-
-
-def lightning_epoch_batches(loader_batches: int, limit_train_batches: int | float) -> int:
-    """Batches Lightning runs per epoch given `limit_train_batches` (as its `_parse_num_batches`)."""
-    if isinstance(limit_train_batches, int):
-        return min(loader_batches, limit_train_batches)
-    return int(loader_batches * limit_train_batches)
-
-
-def resume_position(global_step: int, accumulate: int, epoch_batches: int) -> tuple[int, int]:
-    """(epoch, first micro-batch in it) after `global_step` optimizer steps (see module doc)."""
-    steps_per_epoch = math.ceil(epoch_batches / accumulate)
-    epoch, step = divmod(global_step, steps_per_epoch)
-    return epoch, step * accumulate
-
-
 # ----------------------------------------------------------------------------- the DataModule
 
 
-class LMDataModule(L.LightningDataModule):
+class LMDataModule(ExampleDataModule):
     """Token windows for causal LM training; see the module docstring for the pipeline, cache, order and
     resume rules.
 
@@ -292,6 +129,8 @@ class LMDataModule(L.LightningDataModule):
         rank, world_size: this process's shard; None: from the trainer (global_rank, world_size), else 0/1.
     """
 
+    extra_tokens = 0  # ids after the tokenizer's that the module adds (a mask token, in data.mlm)
+
     def __init__(
         self,
         source: str = "stdlib",
@@ -317,7 +156,7 @@ class LMDataModule(L.LightningDataModule):
         rank: int | None = None,
         world_size: int | None = None,
     ):
-        super().__init__()
+        super().__init__(batch_size, num_workers, seed, rank, world_size)
         self.save_hyperparameters()
         if source not in ("stdlib", "local", "hub"):
             raise ValueError(f"data.source={source!r}: use 'stdlib', 'local' or 'hub'.")
@@ -334,18 +173,14 @@ class LMDataModule(L.LightningDataModule):
             raise ValueError(
                 f"data.test_size={test_size!r}: use a fraction in (0, 1) or a document count >= 1."
             )
-        for k, v in (("seq_len", seq_len), ("batch_size", batch_size)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"data.{k}={v!r}: must be a positive integer.")
-        if (rank is None) != (world_size is None) or (world_size is not None and not 0 <= rank < world_size):
-            raise ValueError(f"rank={rank}, world_size={world_size}: give both, with 0 <= rank < world_size.")
+        if not isinstance(seq_len, int) or seq_len < 1:
+            raise ValueError(f"data.seq_len={seq_len!r}: must be a positive integer.")
         self.source, self.sample_by, self.tokenizer_spec = source, sample_by, tokenizer
         self.hub_name, self.hub_config = hub_name, hub_config
         self.test_size, self.split_seed = test_size, split_seed
-        self.seq_len, self.batch_size, self.num_workers, self.seed = seq_len, batch_size, num_workers, seed
+        self.seq_len = seq_len
         self.val_tokens, self.num_proc, self.verify_checksum = val_tokens, num_proc, verify_checksum
         self.stdlib_max_bytes = stdlib_max_bytes
-        self._rank, self._world_size = rank, world_size
         self.data_root = Path(os.path.expanduser(data_root))
         self.cache_dir = Path(
             os.path.expanduser(cache_dir or os.environ.get("FLASHREPRO_CACHE", DEFAULT_CACHE_DIR))
@@ -359,8 +194,6 @@ class LMDataModule(L.LightningDataModule):
         self._tokenizer = None
         self._source: dict | None = None  # identity, description, files
         self._meta: dict[str, dict] = {}
-        self.train_set: TokenWindows | None = None
-        self.val_set: TokenWindows | None = None
 
     # --- tokenizer and source identity ---------------------------------------------------------------
 
@@ -368,10 +201,12 @@ class LMDataModule(L.LightningDataModule):
     def tokenizer(self):
         if self._tokenizer is None:
             tok = load_tokenizer(self.tokenizer_spec, self.data_root, self.cache_dir)
-            if self._vocab_size is not None and self._vocab_size != tok.vocab_size:
+            want = tok.vocab_size + self.extra_tokens
+            if self._vocab_size is not None and self._vocab_size != want:
                 raise ValueError(
                     f"data.vocab_size={self._vocab_size} but tokenizer={self.tokenizer_spec!r} has "
-                    f"{tok.vocab_size} tokens. Fix: set data.vocab_size={tok.vocab_size} (or null)."
+                    f"{tok.vocab_size} tokens{' + 1 mask token' if self.extra_tokens else ''}. Fix: set "
+                    f"data.vocab_size={want} (or null)."
                 )
             if tok.vocab_size > 65536:
                 raise ValueError(f"vocab_size {tok.vocab_size} does not fit the uint16 token files.")
@@ -380,8 +215,13 @@ class LMDataModule(L.LightningDataModule):
 
     @property
     def vocab_size(self) -> int:
-        """The tokenizer's vocabulary size (the configured value if given; it is checked on load)."""
-        return self._vocab_size if self._vocab_size is not None else self.tokenizer.vocab_size
+        """The tokenizer's vocabulary size plus `extra_tokens` (the configured value if given; it is
+        checked on load)."""
+        return (
+            self._vocab_size
+            if self._vocab_size is not None
+            else self.tokenizer.vocab_size + self.extra_tokens
+        )
 
     def _source_info(self) -> dict:
         """{"identity": ..., "desc": str, "train": files, "validation": files} (files: local/stdlib)."""
@@ -446,7 +286,7 @@ class LMDataModule(L.LightningDataModule):
 
     def token_dir(self) -> Path:
         key = self.cache_key()
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        digest = key_digest(key)
         name = {"stdlib": "stdlib", "hub": str(self.hub_name).replace("/", "_"), "local": "local"}[
             self.source
         ]
@@ -539,19 +379,9 @@ class LMDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         metas = self._token_files()
         out = self.token_dir()
-        self.train_set = TokenWindows(out / "train.bin", metas["train"]["n_tokens"], self.seq_len)
-        self.val_set = TokenWindows(out / "validation.bin", metas["validation"]["n_tokens"], self.seq_len)
-        _, world = self._rank_world()
-        for name, ds, need in (
-            ("train", self.train_set, self.batch_size * world),
-            ("validation", self.val_set, world),
-        ):
-            if len(ds) < need:
-                raise ValueError(
-                    f"the {name} split has {ds.n_tokens} tokens = {len(ds)} windows of seq_len={self.seq_len}, "
-                    f"fewer than the {need} needed (batch_size x world_size). Fix: lower data.seq_len or "
-                    "data.batch_size, or use more data."
-                )
+        self.train_set = self.windows(out / "train.bin", metas["train"]["n_tokens"], train=True)
+        self.val_set = self.windows(out / "validation.bin", metas["validation"]["n_tokens"], train=False)
+        self.check_sizes(f"windows of seq_len={self.seq_len}")
         log.info(
             "data: %s | tokenizer %s (vocab %d) | train %d tokens, validation %d tokens | %d train windows of "
             "%d+1 | cache %s",
@@ -559,65 +389,16 @@ class LMDataModule(L.LightningDataModule):
             metas["validation"]["n_tokens"], len(self.train_set), self.seq_len, out,
         )  # fmt: skip
 
-    def _rank_world(self) -> tuple[int, int]:
-        if self._world_size is not None:
-            return self._rank, self._world_size
-        if self.trainer is not None:
-            return self.trainer.global_rank, self.trainer.world_size
-        return 0, 1
+    def windows(self, path: Path, n_tokens: int, train: bool) -> Dataset:
+        """The examples of one split's token file: next-token windows."""
+        return TokenWindows(path, n_tokens, self.seq_len)
 
-    def _start(self, sampler_batches: int) -> tuple[int, int]:
-        t = self.trainer
-        if t is None or t.global_step == 0:
-            return 0, 0
-        epoch_batches = lightning_epoch_batches(sampler_batches, t.limit_train_batches)
-        epoch, batch = resume_position(t.global_step, t.accumulate_grad_batches, epoch_batches)
-        log.info(
-            "train loader starts at epoch %d, micro-batch %d (global_step %d x accumulate_grad_batches %d)",
-            epoch, batch, t.global_step, t.accumulate_grad_batches,
-        )  # fmt: skip
-        return epoch, batch
-
-    def _loader_kwargs(self) -> dict[str, Any]:
-        return {
-            "batch_size": self.batch_size,
-            "num_workers": self.num_workers,
-            "pin_memory": torch.cuda.is_available(),
-            "persistent_workers": self.num_workers > 0,
-        }
-
-    def train_dataloader(self) -> TrainLoader:
-        if self.train_set is None:
-            self.setup("fit")
-        rank, world = self._rank_world()
-        start_epoch, start_batch = self._start(len(self.train_set) // (self.batch_size * world))
-        sampler = TrainSampler(
-            self.train_set, self.batch_size, rank, world, self.seed, start_epoch, start_batch
-        )
-        loader = TrainLoader(self.train_set, sampler=sampler, drop_last=True, **self._loader_kwargs())
-        loader.order = {
-            "seed": self.seed,
-            "seq_len": self.seq_len,
-            "batch_size": self.batch_size,
-            "world_size": world,
-            "cache_key_sha256": hashlib.sha256(
-                json.dumps(self.cache_key(), sort_keys=True).encode()
-            ).hexdigest(),
-        }
-        return loader
-
-    def val_dataloader(self) -> DataLoader:
-        if self.val_set is None:
-            self.setup("validate")
-        rank, world = self._rank_world()
+    def n_val(self) -> int:
         n_val = len(self.val_set)
-        if self.val_tokens is not None:
-            n_val = min(n_val, max(1, self.val_tokens // self.seq_len))
-        n_val -= n_val % world
-        if n_val == 0:
-            raise ValueError(
-                f"data.val_tokens={self.val_tokens} leaves no validation window for {world} rank(s)."
-            )
-        return DataLoader(
-            self.val_set, sampler=ValSampler(self.val_set, n_val, rank, world), **self._loader_kwargs()
-        )
+        return n_val if self.val_tokens is None else min(n_val, max(1, self.val_tokens // self.seq_len))
+
+    def order_settings(self) -> dict:
+        return super().order_settings() | {
+            "seq_len": self.seq_len,
+            "cache_key_sha256": key_digest(self.cache_key()),
+        }

@@ -24,21 +24,23 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 log = logging.getLogger(__name__)
 
 
-def batch_size(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
-    """Sequences in a batch `(x, y)` of (B, T) tensors."""
-    return batch[0].size(0)
+def batch_size(batch: dict[str, torch.Tensor]) -> int:
+    """Sequences in a batch: the B of its `input_ids` (B, T)."""
+    return batch["input_ids"].size(0)
 
 
-def batch_tokens(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
-    """Tokens in a batch `(x, y)` of (B, T) tensors."""
-    return batch[0].numel()
+def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real tokens in a batch: the True entries of `attention_mask` (B, T) where the data pads (one host
+    sync), else all B * T of `input_ids`."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum().item()) if mask is not None else batch["input_ids"].numel()
 
 
 class TokenThroughput(ThroughputMonitor):
-    """`ThroughputMonitor` over `(x, y)` token batches, logging `throughput/tokens_per_sec` and `throughput/mfu`.
+    """`ThroughputMonitor` over dict batches, logging `throughput/tokens_per_sec` and `throughput/mfu`.
 
     Rates are rolling averages over the last `window_size` micro-batches. The module's `flops_per_batch`
-    (see `LMModule`) gives the model FLOPs; the device's peak comes from Lightning's `get_available_flops`
+    (see `models.tasks.base.TaskModule`) gives the model FLOPs; the device's peak comes from Lightning's `get_available_flops`
     (known GPUs, for the training precision) unless `peak_flops` (FLOP/s per device) is given.
     """
 

@@ -2,14 +2,14 @@
 
 One training step = forward + cross-entropy + backward + AdamW step, bf16 autocast on CUDA (float32
 master weights), random tokens, dropout 0.1, the same micro-batch / sequence length / precision for every
-implementation in a group; the loss is train.py's (`models.lm_module.next_token_loss`). Rows named
+implementation in a group; the loss is train.py's (`models.tasks.causal_lm.next_token_loss`). Rows named
 `...+compile` run the forward and the loss through `torch.compile` (what `python train.py compile=true`
 does); the HF baselines run as HuggingFace ships them, in eager mode. Each config runs `--warmup` untimed
 steps, then `--steps` steps timed one by one with CUDA events; the median step time gives tokens/s, and
 
     MFU = flops_per_token(seq_len) * tokens/s / peak dense bf16 FLOP/s of the GPU
 
-with `flops_per_token` = 6 N + 12 n_layer n_embd seq_len (see models/gpt2.py). Peak memory is
+with `flops_per_token` = 6 N + 12 n_layer n_embd seq_len (see models/layers.py). Peak memory is
 torch.cuda.max_memory_allocated over the config. Out-of-memory is recorded as "OOM", any other failure
 as an error, and the run goes on. Results are rewritten after every config to
 <out>/<gpu-slug>.json and <out>/<gpu-slug>.md.
@@ -42,12 +42,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from gpu_env import gpu_slug, nvidia_smi  # noqa: E402
 
-from models.gpt2 import GPT2  # noqa: E402
-from models.gpt2 import SIZES as GPT2_SIZES  # noqa: E402
-from models.hf_gpt2 import HFGPT2  # noqa: E402
-from models.lm_module import next_token_loss  # noqa: E402
+import yaml  # noqa: E402
 
-SIZES = {"tiny": dict(n_layer=2, n_head=4, n_embd=256), **GPT2_SIZES}  # tiny: CPU smoke runs
+from models.gpt2 import GPT2  # noqa: E402
+from models.hf_gpt2 import HFGPT2  # noqa: E402
+from models.tasks.causal_lm import next_token_loss  # noqa: E402
+
+# The model sizes of the configs (configs/model/size/*.yaml; tiny is for CPU smoke runs).
+SIZE_DIR = Path(__file__).resolve().parents[1] / "configs" / "model" / "size"
+SIZES = {p.stem: yaml.safe_load(p.read_text()) for p in sorted(SIZE_DIR.glob("*.yaml"))}
 # Dense bf16 tensor-core peak, TFLOP/s, matched in order against torch.cuda.get_device_name().
 PEAK_TFLOPS = [
     ("H100 PCIe", 756.0),
@@ -134,13 +137,13 @@ def run_config(cfg: Config, args: argparse.Namespace, device: torch.device, peak
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused)
     x = torch.randint(0, model.vocab_size, (cfg.batch_size, cfg.seq_len + 1), device=device)
-    x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+    batch = {"input_ids": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous()}
 
     loss_fn = torch.compile(next_token_loss) if cfg.compile else next_token_loss
 
     def train_step() -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = loss_fn(model, x, y)
+            loss = loss_fn(model, batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

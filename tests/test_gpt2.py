@@ -8,14 +8,21 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
+from train_utils import compose_train
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from models.gpt2 import GPT2, from_hf, to_hf
-from models.hf_gpt2 import HFGPT2
+from models.gpt2 import GPT2
+from models.hf_gpt2 import HFGPT2, from_hf, to_hf
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
+
+def model_config(name: str, *overrides: str):
+    """configs/model/<name>.yaml as train.py composes it, with the GPT-2 BPE data (vocab 50257, seq 1024)."""
+    return compose_train(
+        Path("unused"), ["~experiment", f"model={name}", "data=openwebtext", *overrides]
+    ).model
+
+
 TINY = dict(vocab_size=97, n_positions=32, n_layer=2, n_head=4, n_embd=64)
 CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
 
@@ -124,7 +131,7 @@ def test_param_counts_and_configs(size, n_layer, n_head, n_embd, millions):
     with torch.device("meta"):
         counts = {GPT2(**sizes).num_params(), HFGPT2(**sizes).num_params()}
         for file, cls in targets.items():
-            net = hydra.utils.instantiate(OmegaConf.load(CONFIGS / file))
+            net = hydra.utils.instantiate(model_config(file.removesuffix(".yaml")))
             assert type(net) is cls
             assert (net.n_layer, net.n_head, net.n_embd, net.vocab_size) == (n_layer, n_head, n_embd, 50257)
             counts.add(net.num_params())
@@ -213,8 +220,7 @@ def test_auto_picks_sdpa_on_cpu_and_logs_it(caplog):
 
 
 def test_tiny_config_trains_a_step():
-    cfg = OmegaConf.load(CONFIGS / "gpt2-tiny.yaml")
-    cfg.vocab_size = 97
+    cfg = model_config("gpt2-tiny", "model.vocab_size=97", "model.n_positions=256")
     torch.manual_seed(0)
     model = hydra.utils.instantiate(cfg)
     x = tokens(batch=2, seq=64)

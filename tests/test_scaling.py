@@ -17,7 +17,8 @@ import torch
 from omegaconf import OmegaConf
 from train_utils import compose_train
 
-from models.gpt2 import GPT2, Block
+from models.gpt2 import GPT2
+from models.layers import Block
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))

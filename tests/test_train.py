@@ -1,4 +1,4 @@
-"""The training stack. LMModule: loss, weight-decay groups, lr schedule, gradient accumulation (fp64 against
+"""The training stack. CausalLMTask (on the shared TaskModule): loss, weight-decay groups, lr schedule, gradient accumulation (fp64 against
 the full-batch gradient), the non-finite-loss stop. train.py as users run it (subprocesses): loss goes down,
 the logged keys, wandb offline files; SIGTERM + resume equals an uninterrupted run; 2-process CPU DDP."""
 
@@ -25,16 +25,26 @@ import train
 from models.callbacks import LastCheckpoint
 from models.gpt2 import GPT2
 from models.hf_gpt2 import HFGPT2
-from models.lm_module import LMModule, linear_warmup_decay, param_groups
+from models.layers import estimate_training_memory
+from models.optim import linear_warmup_decay, param_groups
+from models.tasks.base import grad_norm
+from models.tasks.causal_lm import CausalLMTask
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(vocab_size=97, n_positions=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
 
 
-def token_batches(n: int, seq: int = 16, vocab: int = 97, seed: int = 0) -> TensorDataset:
-    """n random sequences as (x, y) with y = x shifted by one."""
+class TokenBatches(TensorDataset):
+    """n random sequences as {"input_ids": x, "labels": y} with y = x shifted by one; `[:]` gives (x, y)."""
+
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return (x, y) if isinstance(i, slice) else {"input_ids": x, "labels": y}
+
+
+def token_batches(n: int, seq: int = 16, vocab: int = 97, seed: int = 0) -> TokenBatches:
     data = torch.randint(0, vocab, (n, seq + 1), generator=torch.Generator().manual_seed(seed))
-    return TensorDataset(data[:, :-1], data[:, 1:])
+    return TokenBatches(data[:, :-1], data[:, 1:])
 
 
 def quiet_trainer(**kwargs) -> L.Trainer:
@@ -51,7 +61,7 @@ def quiet_trainer(**kwargs) -> L.Trainer:
     return L.Trainer(**(defaults | kwargs))
 
 
-# -- LMModule ------------------------------------------------------------------------------------------------
+# -- CausalLMTask---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("cls", [GPT2, HFGPT2])
@@ -87,13 +97,13 @@ def test_linear_warmup_decay_schedule():
 
 def test_loss_is_next_token_cross_entropy():
     torch.manual_seed(0)
-    module = LMModule(GPT2(**TINY), optimizer=partial(torch.optim.SGD, lr=0.1))
+    module = CausalLMTask(GPT2(**TINY), optimizer=partial(torch.optim.SGD, lr=0.1))
     x, y = token_batches(3)[:]
     logits = module.net(x)
     ref = -torch.log_softmax(logits.double(), -1).gather(-1, y[..., None]).mean()
-    assert module.loss((x, y)).item() == pytest.approx(ref.item(), rel=1e-6)
+    assert module.loss({"input_ids": x, "labels": y}).item() == pytest.approx(ref.item(), rel=1e-6)
     with pytest.raises(ValueError, match="equal"):
-        module.loss((x, y[:, :-1]))
+        module.loss({"input_ids": x, "labels": y[:, :-1]})
 
 
 @pytest.mark.skipif(
@@ -104,7 +114,7 @@ def test_compiled_module_trains_like_eager():
     runs = []
     for compile in (False, True):
         torch.manual_seed(0)
-        module = LMModule(
+        module = CausalLMTask(
             GPT2(**TINY, attn_impl="sdpa"), optimizer=partial(torch.optim.SGD, lr=0.1), compile=compile
         )
         losses = []
@@ -131,7 +141,7 @@ def one_sgd_step(micro_batch: int, accumulate: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     net = GPT2(**TINY, attn_impl="standard")
     before = {n: p.detach().double().clone() for n, p in net.named_parameters()}
-    module = LMModule(net, optimizer=partial(torch.optim.SGD, lr=1.0))
+    module = CausalLMTask(net, optimizer=partial(torch.optim.SGD, lr=1.0))
     trainer = quiet_trainer(max_steps=1, accumulate_grad_batches=accumulate, precision="64-true")
     trainer.fit(module, DataLoader(token_batches(4), batch_size=micro_batch, shuffle=False))
     return {n: p.detach() - before[n] for n, p in module.net.named_parameters()}
@@ -169,7 +179,7 @@ class BreakWeightsAt(L.Callback):
 
 def test_nonfinite_loss_stops_before_the_update_and_keeps_last_checkpoint(tmp_path):
     torch.manual_seed(0)
-    module = LMModule(GPT2(**TINY), optimizer=partial(torch.optim.AdamW, lr=1e-3))
+    module = CausalLMTask(GPT2(**TINY), optimizer=partial(torch.optim.AdamW, lr=1e-3))
     ckpt = tmp_path / "last.ckpt"
     breaker = BreakWeightsAt(3, ckpt)
     trainer = quiet_trainer(max_steps=10, callbacks=[LastCheckpoint(str(tmp_path), every_n_steps=1), breaker])
@@ -199,8 +209,8 @@ def test_accumulation_steps():
 def test_memory_estimate():
     """GPT-2 small, 16 x 1024 tokens: weights/grads/Adam 18 B/param, activations per Korthikanti et al."""
     n = 124_439_808
-    flash = train.estimate_training_memory(n, 16, 1024, 12, 768, 12, 50257, attention_stores_scores=False)
-    standard = train.estimate_training_memory(n, 16, 1024, 12, 768, 12, 50257, attention_stores_scores=True)
+    flash = estimate_training_memory(n, 16, 1024, 12, 768, 12, 50257, attention_stores_scores=False)
+    standard = estimate_training_memory(n, 16, 1024, 12, 768, 12, 50257, attention_stores_scores=True)
     tokens = 16 * 1024
     assert flash == 18 * n + 12 * tokens * 768 * 34 + tokens * 50257 * 10
     assert standard - flash == 12 * tokens * 768 * 5 * 12 * 1024 / 768  # the stored (T, T) scores
@@ -387,8 +397,6 @@ def test_ddp_two_processes_accumulate_and_stop_together(tmp_path, run_env):
 def _sharded_norm_worker(rank: int, world: int, port: int, grads: list[torch.Tensor], out: dict) -> None:
     import torch.distributed as dist
 
-    from models.lm_module import grad_norm
-
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         # FSDP's layout: every gradient flattened and cut into `world` contiguous shards, one per rank
@@ -402,8 +410,6 @@ def _sharded_norm_worker(rank: int, world: int, port: int, grads: list[torch.Ten
 def test_grad_norm_sums_shards_over_ranks():
     """Under FSDP every rank must log (and stop on) the global gradient norm, not its own shard's."""
     import torch.multiprocessing as mp
-
-    from models.lm_module import grad_norm
 
     g = torch.Generator().manual_seed(0)
     grads = [torch.randn(7, 5, generator=g), torch.randn(1, generator=g), 3 * torch.randn(11, generator=g)]

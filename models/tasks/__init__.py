@@ -1,0 +1,1 @@
+"""Lightning modules, one per task family (configs/task/ mirrors this folder), on the shared `TaskModule`."""
