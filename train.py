@@ -11,7 +11,6 @@ timestamp, so re-running the same command resumes from its `checkpoints/last.ckp
 default); a killed or requeued run therefore continues where it stopped.
 """
 
-import csv
 import logging
 import math
 import netrc
@@ -138,19 +137,6 @@ def wandb_run_id(output_dir: Path) -> str:
         output_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(run_id + "\n")
     return run_id
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, float]]:
-    """Rows of `<run_dir>/csv/version_<i>/metrics.csv` (one per start of the run), in order; empty cells dropped."""
-    versions = sorted((run_dir / "csv").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
-    files = [v / "metrics.csv" for v in versions if (v / "metrics.csv").is_file()]
-    if not files:
-        raise FileNotFoundError(f"{run_dir}/csv/version_*/metrics.csv is missing: the run wrote no CSV log")
-    rows = []
-    for path in files:
-        with open(path) as f:
-            rows += [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
-    return rows
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

@@ -1,25 +1,25 @@
-"""Language-modelling data: documents -> one token stream per split -> (x, y) windows.
+"""Language-modelling data: documents -> one token stream per split -> next-token windows.
 
 Pipeline (`LMDataModule`):
   1. documents from a source (`data.corpus`: the Hub, local text files/tarballs, or the embedded stdlib
      corpus), split into "train" and "validation";
   2. tokenized with `Dataset.map(batched=True, num_proc=...)` (`data.tokenizer`), EOS after each document,
-     and written once per split as a flat uint16 token file `<split>.bin` plus a JSON sidecar
-     `<split>.json` in `<cache_dir>/tokens/<slug>-<key>/`;
+     and written once per split as a flat uint16 token array `<split>.bin` with its JSON sidecar
+     `<split>.json` (`data.cache`) in `<cache_dir>/tokens/<slug>-<key>/`;
   3. read through `np.memmap` as windows of seq_len + 1 tokens: window i is tokens[i*seq_len :
      (i+1)*seq_len + 1], input_ids = window[:-1], labels = window[1:]. Batches are dicts
-     {"input_ids", "labels"}, both int64 of shape (batch_size, seq_len), batch_size being the micro-batch
-     per device. Every token is a target once.
+     {"input_ids": (B, T) int64, "labels": (B, T) int64}, B = batch_size (the micro-batch per device),
+     T = seq_len. Every token is a target once.
 
-Token cache (`data.cache`). The key is a JSON dict of: the source identity (Hub name/config; or a sha256 over the
+Token cache. The key is a JSON dict of: the source identity (Hub name/config; or a sha256 over the
 local/stdlib files' names and bytes), the tokenizer identity (kind + sha256 of its files), sample_by and
-the split rule. Files are written to a temporary name in the same folder, fsync'ed and renamed; the
-sidecar (key, split, n_tokens, dtype, byte size, sha256 of the .bin) is written last. On load the sidecar,
-the key, the file size and (unless verify_checksum=False) the sha256 are checked; anything wrong is
-logged and the split is rebuilt, never used.
+the split rule. The two splits are one entry of `data.cache` (atomic writes, sidecar last; on load the
+sidecar, key, size and, unless verify_checksum=False, the sha256 are checked); anything wrong is logged
+and the cache is rebuilt, never used. The sidecars also hold `n_tokens` and `n_documents`.
 
 Training order, resume and validation: `data.sampling` (windows are its examples); validation uses
-windows 0..n_val-1, n_val = all windows or ``val_tokens // seq_len``.
+windows 0..n_val-1, n_val = all windows or ``val_tokens // seq_len``. `data.mlm` serves the same token
+streams as masked-LM windows (it overrides `examples`).
 """
 
 from __future__ import annotations
@@ -32,78 +32,76 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from torch.utils.data import Dataset
 
 from data import corpus
-from data.cache import CACHE_FORMAT, check_array, key_digest, write_array
-from data.sampling import ExampleDataModule
-from data.tokenizer import load_tokenizer
+from data.cache import CACHE_FORMAT, MISSING, CachedArray, key_digest, load_arrays, write_array
+from data.text import TextDataModule
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation")
-DEFAULT_CACHE_DIR = "~/.cache/flashattn-repro"
 
 
 # ----------------------------------------------------------------------------- token files
 
 
-def write_token_file(ds, path: Path, key: dict, split: str) -> dict:
-    """Write the "ids" column of `ds` (lists of uint16 ids) as one flat uint16 cache array at `path`."""
+def _encode(batch: dict[str, list], tokenizer) -> dict[str, list]:
+    docs = [t for t in batch["text"] if t and t.strip()]
+    ids = tokenizer.encode_documents(docs)
+    return {"ids": ids, "n": [len(x) for x in ids]}
+
+
+def write_token_file(ds, path: Path, split: str, key: dict) -> CachedArray:
+    """Write the "ids" column of `ds` (lists of uint16 ids; "n": their lengths) as one flat uint16 cache
+    array named `split` at `path`; its sidecar also records n_tokens and n_documents."""
+
+    def tables():
+        return ds.with_format("arrow").iter(batch_size=65536)
 
     def chunks():
-        for table in ds.with_format("arrow").iter(batch_size=65536):
+        for table in tables():
             for chunk in table.column("ids").chunks:
                 yield chunk.flatten().to_numpy(zero_copy_only=False)
 
-    return write_array(path, chunks(), key, split, "uint16")
+    n_tokens = sum(pc.sum(table.column("n")).as_py() or 0 for table in tables())
+    tokens = write_array(path, split, "uint16", chunks(), key, {"n_tokens": n_tokens, "n_documents": len(ds)})
+    assert len(tokens) == n_tokens, (len(tokens), n_tokens)
+    return tokens
 
 
-def check_token_file(path: Path, key: dict, split: str, verify_checksum: bool) -> tuple[dict | None, str]:
-    """(sidecar, "") if `path` is a complete token file for `key`, else (None, reason)."""
-    return check_array(path, key, split, "uint16", verify_checksum)
-
-
-def _encode(batch: dict[str, list], tokenizer) -> dict[str, list]:
-    docs = [t for t in batch["text"] if t and t.strip()]
-    return {"ids": tokenizer.encode_documents(docs)}
-
-
-# ----------------------------------------------------------------------------- windows and samplers
+# ----------------------------------------------------------------------------- windows
 
 
 class TokenWindows(Dataset):
-    """Windows of a token file: item i is {"input_ids": x, "labels": y}, int64 tensors of shape (seq_len,),
-    with x = tokens[i*seq_len : (i+1)*seq_len] and y = tokens[i*seq_len + 1 : (i+1)*seq_len + 1]."""
+    """Next-token windows of a token array: item i is {"input_ids": x, "labels": y}, int64 tensors of
+    shape (seq_len,), with x = tokens[i*seq_len : (i+1)*seq_len] and y = tokens[i*seq_len + 1 :
+    (i+1)*seq_len + 1]."""
 
-    def __init__(self, path: Path, n_tokens: int, seq_len: int):
-        self.path, self.n_tokens, self.seq_len = Path(path), n_tokens, seq_len
-        self._tokens = None  # opened lazily, once per worker process
+    def __init__(self, tokens: CachedArray, seq_len: int):
+        self.tokens, self.seq_len = tokens, seq_len
 
     def __len__(self) -> int:
-        return max(0, (self.n_tokens - 1) // self.seq_len)
+        return max(0, (len(self.tokens) - 1) // self.seq_len)
 
     def window(self, i: int, length: int) -> torch.Tensor:
-        """tokens[i*seq_len : i*seq_len + length] as int64, (length,)."""
-        if self._tokens is None:
-            self._tokens = np.memmap(self.path, dtype="<u2", mode="r", shape=(self.n_tokens,))
-        return torch.from_numpy(self._tokens[i * self.seq_len : i * self.seq_len + length].astype(np.int64))
+        """tokens[i*seq_len : i*seq_len + length] as int64, shape (length,)."""
+        start = i * self.seq_len
+        return torch.from_numpy(self.tokens[start : start + length].astype(np.int64))
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         w = self.window(i, self.seq_len + 1)
         return {"input_ids": w[:-1], "labels": w[1:]}
 
-    def __getstate__(self):
-        return {**self.__dict__, "_tokens": None}
-
 
 # ----------------------------------------------------------------------------- the DataModule
 
 
-class LMDataModule(ExampleDataModule):
-    """Token windows for causal LM training; see the module docstring for the pipeline, cache, order and
-    resume rules.
+class LMDataModule(TextDataModule):
+    """Token windows for causal LM training; see the module docstring for the pipeline and cache, and
+    data.sampling for the order and resume rules.
 
     Args:
         source: "stdlib" (embedded corpus, no files), "local" (files) or "hub" (Hugging Face Hub).
@@ -128,8 +126,6 @@ class LMDataModule(ExampleDataModule):
         stdlib_max_bytes: size cap of the stdlib corpus.
         rank, world_size: this process's shard; None: from the trainer (global_rank, world_size), else 0/1.
     """
-
-    extra_tokens = 0  # ids after the tokenizer's that the module adds (a mask token, in data.mlm)
 
     def __init__(
         self,
@@ -156,7 +152,10 @@ class LMDataModule(ExampleDataModule):
         rank: int | None = None,
         world_size: int | None = None,
     ):
-        super().__init__(batch_size, num_workers, seed, rank, world_size)
+        super().__init__(
+            tokenizer, vocab_size, seq_len, data_root, cache_dir, verify_checksum,
+            batch_size, num_workers, seed, rank, world_size,
+        )  # fmt: skip
         self.save_hyperparameters()
         if source not in ("stdlib", "local", "hub"):
             raise ValueError(f"data.source={source!r}: use 'stdlib', 'local' or 'hub'.")
@@ -173,55 +172,20 @@ class LMDataModule(ExampleDataModule):
             raise ValueError(
                 f"data.test_size={test_size!r}: use a fraction in (0, 1) or a document count >= 1."
             )
-        if not isinstance(seq_len, int) or seq_len < 1:
-            raise ValueError(f"data.seq_len={seq_len!r}: must be a positive integer.")
-        self.source, self.sample_by, self.tokenizer_spec = source, sample_by, tokenizer
+        self.source, self.sample_by = source, sample_by
         self.hub_name, self.hub_config = hub_name, hub_config
         self.test_size, self.split_seed = test_size, split_seed
-        self.seq_len = seq_len
-        self.val_tokens, self.num_proc, self.verify_checksum = val_tokens, num_proc, verify_checksum
+        self.val_tokens, self.num_proc = val_tokens, num_proc
         self.stdlib_max_bytes = stdlib_max_bytes
-        self.data_root = Path(os.path.expanduser(data_root))
-        self.cache_dir = Path(
-            os.path.expanduser(cache_dir or os.environ.get("FLASHREPRO_CACHE", DEFAULT_CACHE_DIR))
-        )
         self.paths = [path] if isinstance(path, str) else list(path or [])
         self.val_paths = [val_path] if isinstance(val_path, str) else list(val_path or [])
         if source == "local":
             for p in self.paths + self.val_paths:
                 corpus.check_path(p, self.data_root)
-        self._vocab_size = vocab_size
-        self._tokenizer = None
         self._source: dict | None = None  # identity, description, files
-        self._meta: dict[str, dict] = {}
+        self._tokens: dict[str, CachedArray] = {}
 
-    # --- tokenizer and source identity ---------------------------------------------------------------
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            tok = load_tokenizer(self.tokenizer_spec, self.data_root, self.cache_dir)
-            want = tok.vocab_size + self.extra_tokens
-            if self._vocab_size is not None and self._vocab_size != want:
-                raise ValueError(
-                    f"data.vocab_size={self._vocab_size} but tokenizer={self.tokenizer_spec!r} has "
-                    f"{tok.vocab_size} tokens{' + 1 mask token' if self.extra_tokens else ''}. Fix: set "
-                    f"data.vocab_size={want} (or null)."
-                )
-            if tok.vocab_size > 65536:
-                raise ValueError(f"vocab_size {tok.vocab_size} does not fit the uint16 token files.")
-            self._tokenizer = tok
-        return self._tokenizer
-
-    @property
-    def vocab_size(self) -> int:
-        """The tokenizer's vocabulary size plus `extra_tokens` (the configured value if given; it is
-        checked on load)."""
-        return (
-            self._vocab_size
-            if self._vocab_size is not None
-            else self.tokenizer.vocab_size + self.extra_tokens
-        )
+    # --- source identity ------------------------------------------------------------------------------
 
     def _source_info(self) -> dict:
         """{"identity": ..., "desc": str, "train": files, "validation": files} (files: local/stdlib)."""
@@ -248,8 +212,8 @@ class LMDataModule(ExampleDataModule):
             )
             info = {"identity": ident, "desc": desc, "train": [p for _, p in files]}
         else:
-            train = corpus.named_files([self._resolve(p) for p in self.paths])
-            val = corpus.named_files([self._resolve(p) for p in self.val_paths]) if self.val_paths else []
+            train = corpus.named_files([self.resolve(p) for p in self.paths])
+            val = corpus.named_files([self.resolve(p) for p in self.val_paths]) if self.val_paths else []
             ident = {"kind": "local", "sha256": corpus.content_sha256(train)}
             if val:
                 ident["val_sha256"] = corpus.content_sha256(val)
@@ -264,9 +228,6 @@ class LMDataModule(ExampleDataModule):
             }
         self._source = info
         return info
-
-    def _resolve(self, p: str) -> Path:
-        return corpus.resolve_path(p, self.data_root, self.cache_dir, what="data")
 
     def cache_key(self) -> dict:
         """The token-cache key (see module docstring)."""
@@ -285,8 +246,7 @@ class LMDataModule(ExampleDataModule):
         }
 
     def token_dir(self) -> Path:
-        key = self.cache_key()
-        digest = key_digest(key)
+        digest = key_digest(self.cache_key())
         name = {"stdlib": "stdlib", "hub": str(self.hub_name).replace("/", "_"), "local": "local"}[
             self.source
         ]
@@ -335,63 +295,54 @@ class LMDataModule(ExampleDataModule):
                     load_from_cache_file=False,
                     desc=f"tokenizing {split}",
                 )
-                meta = write_token_file(tokenized, out / f"{split}.bin", key, split)
-                log.info(
-                    "wrote %s: %d tokens (%d documents)", out / f"{split}.bin", meta["n_tokens"], len(ds)
-                )
+                tokens = write_token_file(tokenized, out / f"{split}.bin", split, key)
+                log.info("wrote %s: %d tokens (%d documents)", tokens.path, len(tokens), len(tokenized))
                 del tokenized
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _token_files(self) -> dict[str, dict]:
-        """Sidecars of the train/validation token files, building them if absent or invalid."""
-        if self._meta:
-            return self._meta
-        key = self.cache_key()
-        out = self.token_dir()
-        metas = {}
-        for split in SPLITS:
-            meta, why = check_token_file(out / f"{split}.bin", key, split, self.verify_checksum)
-            if meta is None:
-                if why != "missing":
-                    log.warning("token cache %s is invalid (%s): rebuilding it", out / f"{split}.bin", why)
-                break
-            metas[split] = meta
-        if len(metas) < len(SPLITS):
+    def _token_arrays(self) -> dict[str, CachedArray]:
+        """The checked train/validation token arrays, building them if absent or invalid."""
+        if self._tokens:
+            return self._tokens
+        key, out = self.cache_key(), self.token_dir()
+        spec = {split: (out / f"{split}.bin", "uint16") for split in SPLITS}
+        tokens, why = load_arrays(spec, key, self.verify_checksum)
+        if tokens is None:
+            if why != MISSING:
+                log.warning("token cache %s is invalid (%s): rebuilding it", out, why)
             self._build(out, key)
-            metas = {}
-            for split in SPLITS:
-                meta, why = check_token_file(out / f"{split}.bin", key, split, self.verify_checksum)
-                if meta is None:
-                    raise RuntimeError(
-                        f"token cache {out / f'{split}.bin'} is invalid right after building it: {why}"
-                    )
-                metas[split] = meta
-        self._meta = metas
-        return metas
+            tokens, why = load_arrays(spec, key, self.verify_checksum)
+            if tokens is None:
+                raise RuntimeError(f"token cache {out} is invalid right after building it: {why}")
+        self._tokens = tokens
+        return tokens
 
     # --- Lightning hooks ------------------------------------------------------------------------------
 
     def prepare_data(self) -> None:
         """Build the token cache if needed (Lightning calls this on one process per node)."""
-        self._token_files()
+        self._token_arrays()
 
     def setup(self, stage: str | None = None) -> None:
-        metas = self._token_files()
-        out = self.token_dir()
-        self.train_set = self.windows(out / "train.bin", metas["train"]["n_tokens"], train=True)
-        self.val_set = self.windows(out / "validation.bin", metas["validation"]["n_tokens"], train=False)
-        self.check_sizes(f"windows of seq_len={self.seq_len}")
+        tokens = self._token_arrays()
+        self.train_set = self.examples(tokens["train"], "train")
+        self.val_set = self.examples(tokens["validation"], "validation")
+        self.check_sizes(
+            f"windows of seq_len={self.seq_len} ({len(tokens['train'])} train, "
+            f"{len(tokens['validation'])} validation tokens)",
+            fix="lower data.seq_len or data.batch_size, or use more data",
+        )
         log.info(
             "data: %s | tokenizer %s (vocab %d) | train %d tokens, validation %d tokens | %d train windows of "
             "%d+1 | cache %s",
-            self._source_info()["desc"], self.tokenizer_spec, self.tokenizer.vocab_size, metas["train"]["n_tokens"],
-            metas["validation"]["n_tokens"], len(self.train_set), self.seq_len, out,
+            self._source_info()["desc"], self.tokenizer_spec, self.tokenizer.vocab_size, len(tokens["train"]),
+            len(tokens["validation"]), len(self.train_set), self.seq_len, self.token_dir(),
         )  # fmt: skip
 
-    def windows(self, path: Path, n_tokens: int, train: bool) -> Dataset:
-        """The examples of one split's token file: next-token windows."""
-        return TokenWindows(path, n_tokens, self.seq_len)
+    def examples(self, tokens: CachedArray, split: str) -> Dataset:
+        """The examples of one split's token array: next-token windows (data.mlm: masked windows)."""
+        return TokenWindows(tokens, self.seq_len)
 
     def n_val(self) -> int:
         n_val = len(self.val_set)
@@ -400,5 +351,5 @@ class LMDataModule(ExampleDataModule):
     def order_settings(self) -> dict:
         return super().order_settings() | {
             "seq_len": self.seq_len,
-            "cache_key_sha256": key_digest(self.cache_key()),
+            "cache_key_sha256": key_digest(self.cache_key(), full=True),
         }

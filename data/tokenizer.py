@@ -1,8 +1,10 @@
 """Tokenizers for language modelling: GPT-2 byte-level BPE, and raw UTF-8 bytes.
 
 Both turn a list of documents into token ids with an end-of-text id (EOS) after each document, the
-token stream that `data.lm` writes to disk. Ids are returned as uint16 arrays (every vocabulary here
-has fewer than 65,536 entries).
+token stream that `data.lm` writes to disk (or without EOS, for one document per example, as
+`data.classification`). Ids are returned as uint16 arrays (every vocabulary here has fewer than 65,536
+entries). Neither has a mask or pad token (no `mask_token_id` / `pad_token_id`): the data modules that
+need one add it after the vocabulary (data.text).
 
 - ``"bytes"``: id = UTF-8 byte value (0..255), EOS = 256, vocab_size 257. Needs no files.
 - ``"gpt2"``: the GPT-2 BPE (vocab 50,257, EOS 50256 = ``<|endoftext|>``) from the Hugging Face Hub
@@ -37,13 +39,16 @@ class ByteTokenizer:
     eos_id = 256
     identity = {"kind": "bytes", "version": 1}
 
-    def encode_documents(self, texts: list[str]) -> list[np.ndarray]:
-        """Each text's UTF-8 bytes followed by EOS, as uint16 arrays of shape (n_bytes + 1,)."""
+    def encode_documents(self, texts: list[str], eos: bool = True) -> list[np.ndarray]:
+        """Each text's UTF-8 bytes followed by EOS (unless eos=False), as uint16 arrays of shape
+        (n_bytes + 1,) (or (n_bytes,))."""
         out = []
         for t in texts:
-            ids = np.empty(len(b := t.encode("utf-8")) + 1, dtype=np.uint16)
-            ids[:-1] = np.frombuffer(b, dtype=np.uint8)
-            ids[-1] = self.eos_id
+            b = t.encode("utf-8")
+            ids = np.empty(len(b) + eos, dtype=np.uint16)
+            ids[: len(b)] = np.frombuffer(b, dtype=np.uint8)
+            if eos:
+                ids[-1] = self.eos_id
             out.append(ids)
         return out
 
@@ -71,10 +76,12 @@ class GPT2BPETokenizer:
         h.update(Path(merges_file).read_bytes())
         self.identity = {"kind": "gpt2-bpe", "sha256": h.hexdigest()}
 
-    def encode_documents(self, texts: list[str]) -> list[np.ndarray]:
-        """Each text's BPE ids followed by EOS, as uint16 arrays of shape (n_ids + 1,)."""
+    def encode_documents(self, texts: list[str], eos: bool = True) -> list[np.ndarray]:
+        """Each text's BPE ids followed by EOS (unless eos=False), as uint16 arrays of shape (n_ids + 1,)
+        (or (n_ids,))."""
         encs = self._tok.encode_batch_fast(texts, add_special_tokens=False)
-        return [np.asarray([*e.ids, self.eos_id], dtype=np.uint16) for e in encs]
+        tail = [self.eos_id] if eos else []
+        return [np.asarray([*e.ids, *tail], dtype=np.uint16) for e in encs]
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)

@@ -4,7 +4,7 @@ Each function checks its inputs (raising ValueError that names the argument befo
 then runs the Triton kernels of `kernels.flash_fwd` / `kernels.flash_bwd` through `_attention`:
 inside `torch.compile` as two `torch.library` custom ops, `flashrepro::fwd` and `flashrepro::bwd`,
 which the compiler treats as opaque; in eager mode through a plain `torch.autograd.Function` with the
-same forward and backward, which skips the custom-op dispatch (kernels/NOTES.md, session 10).
+same forward and backward, which skips the custom-op dispatch (kernel_dev/NOTES.md, session 10).
 
 Dropout masks come from Philox counters keyed by a seed drawn from torch's default (CPU) generator,
 so `torch.manual_seed(s)` makes the output and the gradients reproducible; the backward pass
@@ -182,8 +182,14 @@ def flash_fwd(
     seed: int,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    *,
+    kernel=_fwd_kernel,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel. Shapes as in `kernels.flash_fwd`; returns (out, lse)."""
+    """Launch the forward kernel. Shapes as in `kernels.flash_fwd`; returns (out, lse).
+
+    kernel: the autotuned kernel to launch, `_fwd_kernel` unless a benchmark passes its own autotuner over
+    the same JIT function (other tiles, or configs that set the DROPOUT_WORDS constexpr).
+    """
     varlen = cu_seqlens_q is not None
     nheads, d = q.shape[-2], q.shape[-1]
     nheads_k = k.shape[-2]
@@ -201,7 +207,7 @@ def flash_fwd(
     def grid(meta):
         return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * nheads)
 
-    _fwd_kernel[grid](
+    kernel[grid](
         q, k, v, out, lse, cu_q, cu_k, s_idx, s_cnt,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
         *_lse_strides(lse, varlen), s_heads, s_nq, s_nk,
@@ -237,11 +243,15 @@ def flash_bwd(
     dq: torch.Tensor | None = None,
     dk: torch.Tensor | None = None,
     dv: torch.Tensor | None = None,
+    *,
+    dq_kernel=_bwd_dq_kernel,
+    dkdv_kernel=_bwd_dkdv_kernel,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernels; returns (dq, dk, dv) in q/k/v's shapes and dtype.
 
     Short key sequences (`kernels.flash_bwd.short_bwd_tiles`) take the one-launch `_bwd_short_kernel`
-    unless block-sparse; the rest take `_bwd_dq_kernel` (which also stores D) and then `_bwd_dkdv_kernel`.
+    unless block-sparse; the rest take `_bwd_dq_kernel` (which also stores D) and then `_bwd_dkdv_kernel`,
+    or the autotuners passed as dq_kernel and dkdv_kernel (as `flash_fwd`'s kernel).
     """
     varlen = cu_seqlens_q is not None
     nheads, d = q.shape[-2], q.shape[-1]
@@ -282,7 +292,7 @@ def flash_bwd(
     buckets = (seqlen_bucket(max_seqlen_q), seqlen_bucket(max_seqlen_k))
 
     s_idx, s_cnt, s_heads, s_nq, s_nk = _sparse_args(q2k_idx, q2k_cnt, q)
-    _bwd_dq_kernel[lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * nheads)](
+    dq_kernel[lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * nheads)](
         q, k, v, out, dout, lse, dlse if dlse is not None else lse, delta, dq, cu_q, cu_k, s_idx, s_cnt,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
         *_strides3(dout, varlen), *_strides3(dq, varlen), *_lse_strides(lse, varlen), s_heads, s_nq, s_nk,
@@ -290,7 +300,7 @@ def flash_bwd(
         seed, bound, drop_scale, *buckets, HAS_DLSE=dlse is not None, **common,
     )  # fmt: skip
     s_idx, s_cnt, s_heads, s_nk, s_nq = _sparse_args(k2q_idx, k2q_cnt, q)
-    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), batch * nheads_k)](
+    dkdv_kernel[lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), batch * nheads_k)](
         q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, s_idx, s_cnt,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen),
         *_strides3(dk, varlen), *_strides3(dv, varlen), *_lse_strides(lse, varlen), s_heads, s_nk, s_nq,
@@ -446,7 +456,7 @@ def _attention(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, lse, rng) of `_fwd_impl(*args)`, differentiable in q, k, v (and through lse).
 
     Under `torch.compile` this is the opaque custom op; in eager mode the same computation as an
-    `autograd.Function`, which costs 0.3-0.5 ms less CPU per fwd+bwd (kernels/NOTES.md, session 10).
+    `autograd.Function`, which costs 0.3-0.5 ms less CPU per fwd+bwd (kernel_dev/NOTES.md, session 10).
     """
     if torch.compiler.is_compiling():
         return _fwd_op(*args)

@@ -59,7 +59,7 @@ def _bwd_dkdv_inner(
     start_n, offs_n, offs_d, lo, hi, seqlen_q, causal_shift, qk_scale, seed, bh, drop_bound, keep_prob,
     sparse_idx, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPARSE: tl.constexpr,
+    SPARSE: tl.constexpr, DROPOUT_WORDS: tl.constexpr = dropout_words,
 ):  # fmt: skip
     """Add the contributions of query rows lo .. hi to one key block's dK, dV.
 
@@ -75,7 +75,7 @@ def _bwd_dkdv_inner(
     next_m = block_start(sparse_idx, lo, SPARSE)
     if DROPOUT_MODE:
         # Philox words of the first query block; each iteration makes the next block's (`dropout_words`).
-        w0, w1, w2, w3 = dropout_words(seed, bh, next_m + offs_m0, start_n, BLOCK_N)
+        w0, w1, w2, w3 = DROPOUT_WORDS(seed, bh, next_m + offs_m0, start_n, BLOCK_N)
     for it in tl.range(lo, hi, BLOCK_M):
         start_m, next_m = loop_block(sparse_idx, it, hi, next_m, BLOCK_M, SPARSE)
         offs_m = start_m + offs_m0
@@ -123,7 +123,7 @@ def _bwd_dkdv_inner(
             dv = tl.dot(tl.trans(pz), do, dv)
             dk = tl.dot(tl.trans(ds), q, dk)
             if it + BLOCK_M < hi:  # while the tensor cores compute dV and dK
-                w0, w1, w2, w3 = dropout_words(seed, bh, next_m + offs_m0, start_n, BLOCK_N)
+                w0, w1, w2, w3 = DROPOUT_WORDS(seed, bh, next_m + offs_m0, start_n, BLOCK_N)
         else:
             # (keys x queries) tiles: dV += P^T dO takes P from registers as it is.
             pT = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
@@ -143,6 +143,7 @@ def _bwd_dq_inner(
     offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale, seed, bh, drop_bound,
     sparse_idx, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT_MODE: tl.constexpr,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPARSE: tl.constexpr,
+    DROPOUT_WORDS: tl.constexpr = dropout_words,
 ):  # fmt: skip
     """Add the contributions of keys lo .. hi to one query block's dQ (SPARSE: as in `_fwd_inner`).
 
@@ -154,7 +155,7 @@ def _bwd_dq_inner(
     next_n = block_start(sparse_idx, lo, SPARSE)
     if DROPOUT_MODE:
         # Philox words of the first key block; each iteration makes the next block's (`dropout_words`).
-        w0, w1, w2, w3 = dropout_words(seed, bh, offs_m, next_n, BLOCK_N)
+        w0, w1, w2, w3 = DROPOUT_WORDS(seed, bh, offs_m, next_n, BLOCK_N)
     for it in tl.range(lo, hi, BLOCK_N):
         start_n, next_n = loop_block(sparse_idx, it, hi, next_n, BLOCK_N, SPARSE)
         cols = start_n + offs_n0
@@ -188,7 +189,7 @@ def _bwd_dq_inner(
         dq = tl.dot(ds, tl.trans(kT), dq)
         if DROPOUT_MODE:
             if it + BLOCK_N < hi:  # while the tensor cores compute dS K
-                w0, w1, w2, w3 = dropout_words(seed, bh, offs_m, next_n, BLOCK_N)
+                w0, w1, w2, w3 = DROPOUT_WORDS(seed, bh, offs_m, next_n, BLOCK_N)
     return dq
 
 
@@ -266,6 +267,7 @@ def _bwd_dkdv_kernel(
     IS_CAUSAL: tl.constexpr, DROPOUT_MODE: tl.constexpr, IS_VARLEN: tl.constexpr, IS_SPARSE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPARSE_BLOCK_SIZE: tl.constexpr, SPARSE_MASKED: tl.constexpr,
+    DROPOUT_WORDS: tl.constexpr = dropout_words,
 ):  # fmt: skip
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
@@ -320,22 +322,26 @@ def _bwd_dkdv_kernel(
                 start_n, offs_n, offs_d, 0, count * SPARSE_BLOCK_SIZE, seqlen_q, causal_shift, qk_scale, seed, bh,
                 drop_bound, keep_prob, SparseIdx + col * sparse_nq,
                 SPARSE_MASKED, IS_CAUSAL, DROPOUT_MODE, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, True,
+                DROPOUT_WORDS,
             )  # fmt: skip
         else:
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
                 start_n, offs_n, offs_d, lo, tl.minimum(mid, q_ceil), seqlen_q, causal_shift, qk_scale, seed, bh,
                 drop_bound, keep_prob, Q, True, IS_CAUSAL, DROPOUT_MODE, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False,
+                DROPOUT_WORDS,
             )  # fmt: skip
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
                 start_n, offs_n, offs_d, mid, full_end, seqlen_q, causal_shift, qk_scale, seed, bh,
                 drop_bound, keep_prob, Q, False, IS_CAUSAL, DROPOUT_MODE, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False,
+                DROPOUT_WORDS,
             )  # fmt: skip
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, stride_lt,
                 start_n, offs_n, offs_d, tl.maximum(mid, full_end), seqlen_q, seqlen_q, causal_shift, qk_scale, seed,
                 bh, drop_bound, keep_prob, Q, True, IS_CAUSAL, DROPOUT_MODE, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, False,
+                DROPOUT_WORDS,
             )  # fmt: skip
     _store_dkdv(
         DK + dk_off + hk * stride_dkh, DV + dv_off + hk * stride_dvh, dk * (sm_scale * drop_scale),
@@ -381,6 +387,7 @@ def _bwd_dq_kernel(
     IS_CAUSAL: tl.constexpr, DROPOUT_MODE: tl.constexpr, IS_VARLEN: tl.constexpr, IS_SPARSE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPARSE_BLOCK_SIZE: tl.constexpr, SPARSE_MASKED: tl.constexpr, HAS_DLSE: tl.constexpr,
+    DROPOUT_WORDS: tl.constexpr = dropout_words,
 ):  # fmt: skip
     """dQ of one query block; first D = rowsum(dO * O) - dlse of its rows, stored to Delta for dK/dV."""
     num_m = tl.num_programs(0)
@@ -429,7 +436,7 @@ def _bwd_dq_kernel(
         dq = _bwd_dq_inner(
             dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, count * SPARSE_BLOCK_SIZE,
             seqlen_k, causal_shift, qk_scale, seed, bh, drop_bound, SparseIdx + row * sparse_nk,
-            SPARSE_MASKED, IS_CAUSAL, DROPOUT_MODE, BLOCK_N, HEAD_DIM, BLOCK_D, True,
+            SPARSE_MASKED, IS_CAUSAL, DROPOUT_MODE, BLOCK_N, HEAD_DIM, BLOCK_D, True, DROPOUT_WORDS,
         )  # fmt: skip
     else:
         if IS_CAUSAL:
@@ -444,12 +451,12 @@ def _bwd_dq_kernel(
         dq = _bwd_dq_inner(
             dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, full_hi,
             seqlen_k, causal_shift, qk_scale, seed, bh, drop_bound, K,
-            False, IS_CAUSAL, DROPOUT_MODE, BLOCK_N, HEAD_DIM, BLOCK_D, False,
+            False, IS_CAUSAL, DROPOUT_MODE, BLOCK_N, HEAD_DIM, BLOCK_D, False, DROPOUT_WORDS,
         )  # fmt: skip
         dq = _bwd_dq_inner(
             dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, full_hi, hi,
             seqlen_k, causal_shift, qk_scale, seed, bh, drop_bound, K,
-            True, IS_CAUSAL, DROPOUT_MODE, BLOCK_N, HEAD_DIM, BLOCK_D, False,
+            True, IS_CAUSAL, DROPOUT_MODE, BLOCK_N, HEAD_DIM, BLOCK_D, False, DROPOUT_WORDS,
         )  # fmt: skip
     dq = dq * (sm_scale * drop_scale)
     tl.store(
@@ -501,6 +508,7 @@ def _bwd_short_kernel(
     seqlen_q, seqlen_k, nheads_k, gqa_group, qk_scale, sm_scale, seed, drop_bound, drop_scale,
     IS_CAUSAL: tl.constexpr, DROPOUT_MODE: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DROPOUT_WORDS: tl.constexpr = dropout_words,
 ):  # fmt: skip
     """dQ, dK and dV of one (batch, kv head) whose keys all fit in one block (seqlen_k <= BLOCK_N).
 
@@ -577,7 +585,9 @@ def _bwd_short_kernel(
             dpT = tl.dot(v, tl.trans(do))
             # Dropout folded in as in `_bwd_dkdv_inner`: unscaled masks here, 1 / keep_prob at the end.
             if DROPOUT_MODE:
-                keepT = tl.trans(dropout_keep(seed, bh, offs_m, 0, drop_bound, BLOCK_N, DROPOUT_MODE))
+                keepT = tl.trans(
+                    dropout_keep(seed, bh, offs_m, 0, drop_bound, BLOCK_N, DROPOUT_MODE, DROPOUT_WORDS)
+                )
                 dv = tl.dot(tl.where(keepT, pT, 0.0).to(do.dtype), do, dv)
                 dpT = tl.where(keepT, dpT, 0.0)
                 delta = delta * keep_prob

@@ -155,7 +155,9 @@ def dropout_words(seed, bh, rows, start_n, BLOCK_N: tl.constexpr, ROUNDS: tl.con
     the compiler hoists the products that depend on it alone, four of the fourteen, out of the loop.
     The kernels compute the next block's words right after issuing the block's last product, so Philox
     runs while the tensor cores work, and turn them into numbers (`dropout_numbers`) one iteration later.
-    ROUNDS (7) is lowered only by scripts/dropout_cost.py.
+    ROUNDS: Philox rounds, 7 in the kernels. The kernels call this function through their DROPOUT_WORDS
+    constexpr (default: this function), so that a variant with the same signature (fewer rounds, constant
+    words) can be compiled and timed without editing them.
     """
     tl.static_assert(BLOCK_N % 32 == 0, "dropout needs key tiles that are a multiple of 32")
     M: tl.constexpr = rows.shape[0]
@@ -194,13 +196,13 @@ def dropout_numbers(r0, r1, r2, r3, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def dropout_bits(seed, bh, rows, start_n, BLOCK_N: tl.constexpr):
+def dropout_bits(seed, bh, rows, start_n, BLOCK_N: tl.constexpr, DROPOUT_WORDS: tl.constexpr = dropout_words):
     """Random numbers (len(rows), BLOCK_N) uint16 for columns start_n .. start_n + BLOCK_N of head `bh`.
 
     len(rows) and BLOCK_N must be multiples of 16 and 32, starting at multiples of 16 and 32
     (`dropout_words`, `dropout_numbers`).
     """
-    r0, r1, r2, r3 = dropout_words(seed, bh, rows, start_n, BLOCK_N)
+    r0, r1, r2, r3 = DROPOUT_WORDS(seed, bh, rows, start_n, BLOCK_N)
     return dropout_numbers(r0, r1, r2, r3, BLOCK_N)
 
 
@@ -218,9 +220,13 @@ def dropout_drops(x, bound, DROPOUT_MODE: tl.constexpr):
 
 
 @triton.jit
-def dropout_keep(seed, bh, rows, start_n, bound, BLOCK_N: tl.constexpr, DROPOUT_MODE: tl.constexpr):
+def dropout_keep(
+    seed, bh, rows, start_n, bound, BLOCK_N: tl.constexpr, DROPOUT_MODE: tl.constexpr,
+    DROPOUT_WORDS: tl.constexpr = dropout_words,
+):  # fmt: skip
     """Keep-mask (len(rows), BLOCK_N) bool of columns start_n .. start_n + BLOCK_N of head `bh`."""
-    return ~dropout_drops(dropout_bits(seed, bh, rows, start_n, BLOCK_N), bound, DROPOUT_MODE)
+    x = dropout_bits(seed, bh, rows, start_n, BLOCK_N, DROPOUT_WORDS)
+    return ~dropout_drops(x, bound, DROPOUT_MODE)
 
 
 @triton.jit
@@ -325,7 +331,7 @@ def _fwd_inner(
     offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale, seed, bh, drop_bound, sparse_idx,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT_MODE: tl.constexpr,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPARSE: tl.constexpr,
-    RAGGED: tl.constexpr = False,
+    RAGGED: tl.constexpr = False, DROPOUT_WORDS: tl.constexpr = dropout_words,
 ):  # fmt: skip
     """Fold keys lo .. hi (multiples of BLOCK_N, except hi when MASKED or RAGGED) into (acc, l_i, m_i).
 
@@ -334,7 +340,7 @@ def _fwd_inner(
     block, found by a runtime test, sets the scores of missing keys to -inf. Varlen inputs, where almost
     every sequence has such a block, use it: with dropout a separate masked loop for that block made the
     forward up to 28% slower. Dense inputs keep that loop: with N a multiple of the tile it never runs,
-    while the bounds in the main loop cost the dense dropout forward 2-6% (kernels/NOTES.md).
+    while the bounds in the main loop cost the dense dropout forward 2-6% (kernel_dev/NOTES.md).
     SPARSE: lo .. hi count positions in the concatenation of the nonzero key blocks listed at
     `sparse_idx`, so one pipelined loop walks all of them.
     """
@@ -343,7 +349,7 @@ def _fwd_inner(
     next_n = block_start(sparse_idx, lo, SPARSE)
     if DROPOUT_MODE:
         # Philox words of the first block; each iteration makes the next block's (`dropout_words`).
-        w0, w1, w2, w3 = dropout_words(seed, bh, offs_m, next_n, BLOCK_N)
+        w0, w1, w2, w3 = DROPOUT_WORDS(seed, bh, offs_m, next_n, BLOCK_N)
     for it in tl.range(lo, hi, BLOCK_N):
         start_n, next_n = loop_block(sparse_idx, it, hi, next_n, BLOCK_N, SPARSE)
         cols = start_n + offs_n
@@ -388,7 +394,7 @@ def _fwd_inner(
         acc = tl.dot(p, v, acc)
         if DROPOUT_MODE:
             if it + BLOCK_N < hi:  # while the tensor cores compute P V
-                w0, w1, w2, w3 = dropout_words(seed, bh, offs_m, next_n, BLOCK_N)
+                w0, w1, w2, w3 = DROPOUT_WORDS(seed, bh, offs_m, next_n, BLOCK_N)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -444,6 +450,7 @@ def _fwd_kernel(
     IS_CAUSAL: tl.constexpr, DROPOUT_MODE: tl.constexpr, IS_VARLEN: tl.constexpr, IS_SPARSE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPARSE_BLOCK_SIZE: tl.constexpr, SPARSE_MASKED: tl.constexpr,
+    DROPOUT_WORDS: tl.constexpr = dropout_words,
 ):  # fmt: skip
     # Longest causal rows first: reversed block order balances the tail of the grid.
     num_m = tl.num_programs(0)
@@ -481,6 +488,7 @@ def _fwd_kernel(
             acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, count * SPARSE_BLOCK_SIZE,
             seqlen_k, causal_shift, qk_scale, seed, bh, drop_bound, SparseIdx + row * sparse_nk,
             SPARSE_MASKED, IS_CAUSAL, DROPOUT_MODE, BLOCK_N, HEAD_DIM, BLOCK_D, True,
+            DROPOUT_WORDS=DROPOUT_WORDS,
         )  # fmt: skip
     elif IS_CAUSAL or not IS_VARLEN:
         # Keys [0, full_hi) need no mask; [full_hi, hi) hold the causal diagonal and the ragged end (for
@@ -498,11 +506,13 @@ def _fwd_kernel(
             acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, full_hi,
             seqlen_k, causal_shift, qk_scale, seed, bh, drop_bound, K,
             False, IS_CAUSAL, DROPOUT_MODE, BLOCK_N, HEAD_DIM, BLOCK_D, False,
+            DROPOUT_WORDS=DROPOUT_WORDS,
         )  # fmt: skip
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, full_hi, hi,
             seqlen_k, causal_shift, qk_scale, seed, bh, drop_bound, K,
             True, IS_CAUSAL, DROPOUT_MODE, BLOCK_N, HEAD_DIM, BLOCK_D, False,
+            DROPOUT_WORDS=DROPOUT_WORDS,
         )  # fmt: skip
     else:
         # Varlen, every key allowed: nearly every sequence ends in a ragged block, walked by the main loop.
@@ -510,6 +520,7 @@ def _fwd_kernel(
             acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, seqlen_k,
             seqlen_k, causal_shift, qk_scale, seed, bh, drop_bound, K,
             False, IS_CAUSAL, DROPOUT_MODE, BLOCK_N, HEAD_DIM, BLOCK_D, False, RAGGED=True,
+            DROPOUT_WORDS=DROPOUT_WORDS,
         )  # fmt: skip
 
     # Rows that saw no key (causal with seqlen_q > seqlen_k, empty sparse rows) output 0, lse = -inf.

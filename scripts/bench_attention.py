@@ -12,8 +12,8 @@ Writes results/attention/<gpu>.json, <gpu>.md and PNG plots. Everything is measu
             512 .. 16K, TFLOP/s by flash-attn's convention (fwd 4*B*H*N^2*d, halved when causal;
             bwd 2.5x, fwd+bwd 3.5x) for ours and torch SDPA pinned to FLASH_ATTENTION (FA2),
             CUDNN_ATTENTION and EFFICIENT_ATTENTION; peak extra memory of fwd+bwd.
-Timing: CUDA-graph replays (fallback: triton.testing.do_bench), median over repeats, after warm-up;
-inputs are rotated among several copies when one set would fit in L2. The methods of one row are timed
+Timing (kernels/benchmark.py): CUDA-graph replays (fallback: triton.testing.do_bench), median over
+repeats, after warm-up; inputs are rotated among several copies when one set would fit in L2. The methods of one row are timed
 in interleaved rounds (A B C, A B C, ...) and each reports the median over rounds, so clock and
 temperature drift during a row does not favour the method that happens to run first.
 """
@@ -21,159 +21,32 @@ temperature drift during a row does not favour the method that happens to run fi
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from gpu_env import gpu_slug, nvidia_smi  # noqa: E402
-
-from kernels import (  # noqa: E402
+from kernels import (
     block_sparse_flash_attn_func,
     butterfly_block_mask,
     flash_attn_func,
     flash_attn_varlen_func,
 )
-from kernels.flash_bwd import _bwd_dkdv_kernel, _bwd_dq_kernel  # noqa: E402
-from kernels.flash_fwd import _fwd_kernel, seqlen_bucket  # noqa: E402
-from kernels.reference import standard_attention  # noqa: E402
-
-DTYPE = torch.bfloat16
-L2_BYTES = 50 * 2**20
-
-
-# ---------------------------------------------------------------------------------------------
-# Timing and memory
-# ---------------------------------------------------------------------------------------------
-
-
-def time_ms(fns: list, reps: int = 20, retry: bool = True, use_graph: bool = True) -> float:
-    """Median milliseconds of one call, cycling through `fns` (one closure per input copy).
-
-    Small problems are timed as CUDA-graph replays so launch gaps stay out; large ones (use_graph=False)
-    with triton.testing.do_bench, where launch overhead is negligible and graph pools would cost memory.
-    """
-    for fn in fns:  # warm-up: compilation, autotuning, allocator
-        fn()
-    torch.cuda.synchronize()
-    if not use_graph:
-        return triton.testing.do_bench(fns[0], warmup=25, rep=200, return_mode="median")
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for fn in fns:
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for fn in fns:
-                fn()
-        graph.replay()
-        torch.cuda.synchronize()
-        # Replays per measurement so one lasts >= ~2 ms.
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        inner = max(1, math.ceil(2.0 / max(start.elapsed_time(end), 1e-3)))
-        times = []
-        for _ in range(reps):
-            start.record()
-            for _ in range(inner):
-                graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / inner / len(fns))
-        del graph
-        return sorted(times)[len(times) // 2]
-    except Exception as exc:  # noqa: BLE001 - retry once, then fall back to plain launches
-        if retry:
-            torch.cuda.synchronize()
-            return time_ms(fns, reps, retry=False, use_graph=use_graph)
-        print(f"  (graph capture failed: {type(exc).__name__}: {str(exc)[:80]}; using do_bench)")
-        torch.cuda.synchronize()
-        i = [0]
-
-        def cycle():
-            fns[i[0] % len(fns)]()
-            i[0] += 1
-
-        return triton.testing.do_bench(cycle, warmup=25, rep=200, return_mode="median")
-
-
-def warm_up_graphs():
-    """One throwaway capture of fwd+bwd, so one-time initialization stays out of measured captures."""
-    q, k, v = (torch.randn(2, 256, 4, 64, device="cuda", dtype=DTYPE, requires_grad=True) for _ in range(3))
-    try:
-        time_ms([lambda: torch.autograd.grad(flash_attn_func(q, k, v).sum(), (q, k, v))], reps=2)
-    except Exception as exc:  # noqa: BLE001
-        print(f"(warm-up capture: {exc})")
-
-
-def peak_extra_mb(fn) -> float:
-    """Peak memory allocated by fn beyond what was allocated before it (MiB)."""
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def phases(attn, inputs_list, dout_list, reps=20, use_graph=True):
-    """Forward and fwd+bwd ms of attn(*inputs), rotating over the input copies; backward = the difference."""
-    fwd = [lambda a=a: attn(*a) for a in inputs_list]
-    t_fwd = time_ms(fwd, reps, use_graph=use_graph)
-    both = [
-        lambda a=a, d=d: torch.autograd.grad(attn(*a), a, d)
-        for a, d in zip(inputs_list, dout_list, strict=True)
-    ]
-    t_both = time_ms(both, reps, use_graph=use_graph)
-    return {"fwd_ms": t_fwd, "bwd_ms": t_both - t_fwd, "fwd_bwd_ms": t_both}
-
-
-def interleaved(jobs: dict, reps: int, rounds: int) -> dict:
-    """`phases` of every job, name -> (attn, inputs_list, dout_list, use_graph), in `rounds` passes over
-    all jobs; per job the median forward and fwd+bwd over the passes (backward = the difference) and the
-    fwd+bwd of each pass. A job that runs out of memory or fails gives "OOM" or "error: ..." instead."""
-    passes: dict = {name: [] for name in jobs}
-    failed: dict = {}
-    for _ in range(rounds):
-        for name, (attn, inputs_list, dout_list, use_graph) in jobs.items():
-            if name in failed:
-                continue
-            try:
-                passes[name].append(phases(attn, inputs_list, dout_list, reps, use_graph=use_graph))
-            except torch.cuda.OutOfMemoryError:
-                failed[name] = "OOM"
-            except Exception as exc:  # noqa: BLE001 - a backend may not support a shape
-                failed[name] = f"error: {type(exc).__name__}: {str(exc)[:120]}"
-            if name in failed:
-                torch.cuda.empty_cache()
-    out = {}
-    for name, runs in passes.items():
-        if name in failed:
-            out[name] = failed[name]
-            continue
-        fwd = statistics.median(r["fwd_ms"] for r in runs)
-        both = statistics.median(r["fwd_bwd_ms"] for r in runs)
-        out[name] = {"fwd_ms": fwd, "bwd_ms": both - fwd, "fwd_bwd_ms": both}
-        out[name]["fwd_bwd_ms_rounds"] = [r["fwd_bwd_ms"] for r in runs]
-    return out
+from kernels.benchmark import (
+    environment,
+    gpu_slug,
+    interleaved,
+    make_inputs,
+    peak_extra_mb,
+    tuned_configs,
+    warm_up_graphs,
+)
+from kernels.reference import standard_attention
 
 
 def sdpa(q, k, v, backend, causal=False, dropout_p=0.0):
@@ -183,19 +56,6 @@ def sdpa(q, k, v, backend, causal=False, dropout_p=0.0):
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, dropout_p=dropout_p
         )
     return o.transpose(1, 2)
-
-
-def make_inputs(b, n, h, d, copies=None, varlen_lengths=None):
-    """`copies` independent (q, k, v) sets (+ dout); rotate when one set fits in L2."""
-    per_set = 4 * b * n * h * d * 2
-    if copies is None:
-        copies = max(1, min(8, math.ceil(4 * L2_BYTES / per_set)))
-    sets, douts = [], []
-    for _ in range(copies):
-        t = [torch.randn(b, n, h, d, device="cuda", dtype=DTYPE).requires_grad_() for _ in range(3)]
-        sets.append(t)
-        douts.append(torch.randn(b, n, h, d, device="cuda", dtype=DTYPE))
-    return sets, douts
 
 
 def oom_safe(fn):
@@ -272,7 +132,7 @@ def bench_paper(seqlens, reps, rounds, save):
                 print(f"   {name:24s} {res}", flush=True)
                 continue
             # CUDA graphs, so the GPU's time is measured and not the Python launch path: a block-sparse
-            # fwd+bwd at 8K is ~2.5 ms of GPU work and ~2.5 ms of CPU work per call (kernels/NOTES.md).
+            # fwd+bwd at 8K is ~2.5 ms of GPU work and ~2.5 ms of CPU work per call (kernel_dev/NOTES.md).
             # Standard attention beyond 4K (tens of GB per call) keeps plain launches, where the CPU is
             # far ahead anyway, so that no graph memory pool is needed next to it.
             jobs[name] = (fn, ins, ds, n <= 4096 or not name.startswith("standard"))
@@ -291,17 +151,6 @@ def bench_paper(seqlens, reps, rounds, save):
         save(rows)
         torch.cuda.empty_cache()
     return rows
-
-
-def tuned_configs(n: int) -> list[str]:
-    """The autotuner's choice for each of our kernels' keys at sequence length n (key: head dim, causal,
-    dropout mode, varlen, sparse, query/key length buckets)."""
-    chosen = []
-    for name, kernel in (("fwd", _fwd_kernel), ("dkdv", _bwd_dkdv_kernel), ("dq", _bwd_dq_kernel)):
-        for key, cfg in kernel.cache.items():
-            if seqlen_bucket(n) in key[5:7]:
-                chosen.append(f"{name} {key[:7]}: {cfg}")
-    return chosen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,7 +211,7 @@ def bench_grid(seqlens, head_dims, reps, rounds, save):
 
 
 # ---------------------------------------------------------------------------------------------
-# Targets, environment, report
+# Targets and report
 # ---------------------------------------------------------------------------------------------
 
 
@@ -448,22 +297,6 @@ def evaluate(paper, grid):
             "standard": at64k[0].get("standard"),
         }
     return t
-
-
-def environment():
-    env = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
-        "autotune": os.environ.get("FLASHREPRO_AUTOTUNE", "1") != "0",
-    }
-    q = "clocks.sm,clocks.max.sm,clocks.mem,power.limit,driver_version"
-    env["nvidia_smi"] = nvidia_smi(f"--query-gpu={q}", "--format=csv")
-    return env
 
 
 def fmt(x, key):

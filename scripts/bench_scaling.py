@@ -57,11 +57,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from gpu_env import gpu_slug, nvidia_smi  # noqa: E402
+from kernels.benchmark import gpu_slug, nvidia_smi, read_metrics
 
-from train import read_metrics  # noqa: E402  (the run directory layout is train.py's)
+REPO = Path(__file__).resolve().parents[1]
 
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 # Triton keeps the attention kernels' autotuning results on disk, so the runs after the first (the same

@@ -37,16 +37,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-
-from gpu_env import gpu_slug, nvidia_smi  # noqa: E402
-
-import yaml  # noqa: E402
-
-from models.gpt2 import GPT2  # noqa: E402
-from models.hf_gpt2 import HFGPT2  # noqa: E402
-from models.tasks.causal_lm import next_token_loss  # noqa: E402
+from kernels.benchmark import gpu_slug, nvidia_smi
+from models.gpt2 import GPT2
+from models.hf_gpt2 import HFGPT2
+from models.tasks.causal_lm import next_token_loss
 
 # The model sizes of the configs (configs/model/size/*.yaml; tiny is for CPU smoke runs).
 SIZE_DIR = Path(__file__).resolve().parents[1] / "configs" / "model" / "size"

@@ -33,11 +33,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from gpu_env import gpu_slug  # noqa: E402
+from kernels.benchmark import gpu_slug, read_metrics
 
-from train import read_metrics  # noqa: E402  (the run directory layout is train.py's)
+REPO = Path(__file__).resolve().parents[1]
 
 # Tiny settings for a CPU check of the whole pipeline (FlashAttention then runs in Triton's interpreter).
 SMOKE = dict(

@@ -137,7 +137,7 @@ def _fit(dm, max_steps, accumulate, root, ckpt_every=None, ckpt_path=None, limit
     ],
 )
 def test_resume_sees_same_batches(tiny_text, tiny_cache, tmp_path, caplog, accumulate, k, n, workers, limit):
-    caplog.set_level(logging.INFO, logger="data")
+    caplog.set_level(logging.INFO, logger="data.lm")
 
     def run(max_steps, root, **kw):
         dm = tiny_dm(tiny_text, tiny_cache, num_workers=workers)
@@ -156,7 +156,7 @@ def test_resume_sees_same_batches(tiny_text, tiny_cache, tmp_path, caplog, accum
 
 
 def test_resume_state_in_checkpoint_and_order_change_warns(tiny_text, tiny_cache, tmp_path, caplog, recwarn):
-    caplog.set_level(logging.INFO, logger="data")
+    caplog.set_level(logging.INFO, logger="data.lm")
     _fit(tiny_dm(tiny_text, tiny_cache), 5, 1, tmp_path / "a", ckpt_every=5)
     (ckpt,) = (tmp_path / "a").glob("*step=5.ckpt")
     state = torch.load(ckpt, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
@@ -252,7 +252,7 @@ def stdlib_dm(cache_dir: Path, **kw) -> LMDataModule:
 
 
 def test_cache_is_built_once_reused_and_rebuilt_when_corrupt(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="data")
+    caplog.set_level(logging.INFO, logger="data.lm")
     dm = stdlib_dm(tmp_path)
     dm.prepare_data()
     assert len(_build_log(caplog)) == 1
@@ -300,7 +300,7 @@ def test_cache_is_built_once_reused_and_rebuilt_when_corrupt(tmp_path, caplog):
 
 
 def test_stdlib_corpus_hash_stable_and_token_count_exact(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="data")
+    caplog.set_level(logging.INFO, logger="data.lm")
     metas, keys = [], []
     for sub in ("a", "b"):
         dm = stdlib_dm(tmp_path / sub)

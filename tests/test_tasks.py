@@ -11,6 +11,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from train_utils import compose_train
 
 import train
+from kernels.benchmark import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -49,7 +50,7 @@ def run(tmp_path: Path, *overrides: str) -> list[dict[str, float]]:
     cmd = [sys.executable, "train.py", *SMALL, f"hydra.run.dir={tmp_path / 'run'}", *overrides]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
-    return train.read_metrics(tmp_path / "run")
+    return read_metrics(tmp_path / "run")
 
 
 def logged(rows: list[dict[str, float]], key: str) -> list[float]:

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from train_utils import compose_train, free_port
 
 import train
+from kernels.benchmark import read_metrics
 from models.callbacks import LastCheckpoint
 from models.gpt2 import GPT2
 from models.hf_gpt2 import HFGPT2
@@ -311,7 +312,7 @@ def test_train_py_trains_and_logs(tmp_path, run_env):
     out = run_train(run_dir, env, "trainer.max_steps=60", "val_every_n_steps=20", "logger=default")
     assert "No checkpoint at" in out and "starting a fresh run" in out
 
-    rows = train.read_metrics(run_dir)
+    rows = read_metrics(run_dir)
     keys = set().union(*rows)
     assert {"train/loss", "val/loss", "val/ppl", "lr", "throughput/tokens_per_sec", "train/grad_norm"} <= keys
     loss = series(rows, "train/loss")
@@ -365,7 +366,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, run_env):
     assert len(list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
     assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 2
 
-    a, b = train.read_metrics(straight), train.read_metrics(stopped)
+    a, b = read_metrics(straight), read_metrics(stopped)
     loss_a, loss_b = series(a, "train/loss"), series(b, "train/loss")  # fails on a repeated step
     assert sorted(loss_b) == sorted(loss_a) == list(range(200))  # no step lost or repeated
     for s in range(200):
@@ -391,7 +392,7 @@ def test_ddp_two_processes_accumulate_and_stop_together(tmp_path, run_env):
 
     out = run_train(run_dir, run_env, *args)
     assert f"Resuming from {last}" in out and ckpt_step(last) == 200
-    assert sorted(series(train.read_metrics(run_dir), "train/loss")) == list(range(200))
+    assert sorted(series(read_metrics(run_dir), "train/loss")) == list(range(200))
 
 
 def _sharded_norm_worker(rank: int, world: int, port: int, grads: list[torch.Tensor], out: dict) -> None:

@@ -1,10 +1,10 @@
 """Time two (or more) versions of the kernels in one run, paper setting, with the same tiles.
 
     git archive 04b5c0f | tar -x -C /tmp/old        # any revision, extracted to a folder
-    python scripts/compare_kernels.py /tmp/old . --seqlens 1024 2048 4096 --out results/attention
+    python kernel_dev/compare_kernels.py /tmp/old . --seqlens 1024 2048 4096     # -> kernel_dev/results/
 
-Each tree runs in its own process (its own `kernels` package and `scripts/bench_attention.py`), one after
-the other on the same GPU. Batch 16, 8 heads, head dim 64, bf16, as in bench_attention's paper setting:
+Each tree runs in its own process (its own `kernels` package and benchmark helpers), one after the other
+on the same GPU. Batch 16, 8 heads, head dim 64, bf16, as in bench_attention's paper setting:
   flash               dense, N keys
   flash_n-1           dense, N - 1 keys and queries (a ragged last block)
   flash_dropout       dense, dropout 0.1
@@ -18,26 +18,31 @@ time is spent. Writes <out>/<gpu>-compare.json and .md and prints each tree's ti
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from gpu_env import gpu_slug
-
+RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ["flash", "flash_n-1", "flash_dropout", "flash_mask", "flash_dropout_mask"]
 
 
 def child(tree: str, seqlens: list[int]) -> dict:
-    """Times of every method at every N for the kernels of `tree` (run in a process of its own)."""
-    sys.path.insert(0, str(Path(tree).resolve() / "scripts"))
-    import bench_attention as ba  # puts `tree` first on sys.path, so `kernels` is the tree's own
+    """Times of every method at every N for the kernels of `tree`, in a process started by `tree_env`."""
     import torch
     import torch.nn.functional as F
     import triton
 
     from kernels import flash_attn_func, flash_attn_varlen_func, flash_bwd, flash_fwd
 
+    if (Path(tree) / "kernels" / "benchmark.py").is_file():  # the tree's own benchmark helpers
+        from kernels import benchmark as ba
+    else:  # older trees keep them in scripts/bench_attention.py
+        import bench_attention as ba
+
+    # Every tree's flash_attn_func launches its own modules' autotuners, so the pinned tiles replace their
+    # configs, in this child process only.
     pin = {
         flash_fwd._fwd_kernel: (128, 64, 8, 3),
         flash_bwd._bwd_dkdv_kernel: (64, 64, 4, 3),
@@ -50,7 +55,7 @@ def child(tree: str, seqlens: list[int]) -> dict:
     out = {"env": ba.environment(), "tree": tree}
     for n in seqlens:
         # The padding mask is built here as bench_attention.bench_paper builds it, not through a shared
-        # helper: this child imports the *tree's* bench_attention, and older trees have no such helper.
+        # helper: this child imports the *tree's* helpers, and older trees have no such helper.
         sets, douts = ba.make_inputs(b, n, h, d)
         gen = torch.Generator().manual_seed(n)
         lengths = torch.randint(max(1, n - 20), n + 1, (b,), generator=gen)
@@ -86,6 +91,17 @@ def child(tree: str, seqlens: list[int]) -> dict:
     return out
 
 
+def tree_env(tree: str) -> dict:
+    """The environment of a child process that imports `tree`'s `kernels` and benchmark helpers.
+
+    The trees are other checkouts, which the editable install of this one cannot provide: the tree and
+    its scripts/ (where older trees keep bench_attention.py) go first on PYTHONPATH, ahead of the install.
+    """
+    root = Path(tree).resolve()
+    path = [str(root), str(root / "scripts"), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+
+
 def write_markdown(path: Path, data: dict) -> None:
     """A table of every run's fwd / bwd / fwd+bwd ms, each with its ratio to the same tree's `flash`."""
     runs = data["runs"]
@@ -115,7 +131,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("trees", nargs="*", help="folders that each hold a copy of the project")
     ap.add_argument("--seqlens", type=int, nargs="+", default=[1024, 2048, 4096])
-    ap.add_argument("--out", default="results/attention")
+    ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -127,7 +143,7 @@ def main() -> None:
     for tree in args.trees:
         t0 = time.time()
         cmd = [sys.executable, __file__, "--child", tree, "--seqlens", *map(str, args.seqlens)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=tree_env(tree))
         print(f"{tree}: {time.time() - t0:.0f} s", flush=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if not lines:
@@ -144,6 +160,8 @@ def main() -> None:
             print(
                 f"{run['tree']} N={n} fwd ms: " + " ".join(f"{m}={run[n][m]['fwd_ms']:.4f}" for m in METHODS)
             )
+    from kernels.benchmark import gpu_slug
+
     path = Path(args.out) / f"{gpu_slug(runs[0]['env']['gpu'])}-compare.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {"command": " ".join(["python", *sys.argv]), "runs": runs}

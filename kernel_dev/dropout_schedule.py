@@ -1,7 +1,7 @@
 """Can scheduling hide the dropout mask's integer work behind the tensor cores? Two loop forms, timed.
 
 The kernels' dQ and forward loops wait on each product right after issuing it, so the mask's Philox and
-select work runs while the tensor cores idle (kernels/NOTES.md, session 10). This script times the two
+select work runs while the tensor cores idle (kernel_dev/NOTES.md, session 10). This script times the two
 schedules Triton offers without a rewrite of the kernels, each with and without dropout 0.1 (the kernels'
 own `dropout_words` / `dropout_numbers` / `dropout_select`), dense, non-causal, paper setting (batch 16,
 8 heads, head dim 64, bf16):
@@ -15,25 +15,24 @@ own `dropout_words` / `dropout_numbers` / `dropout_select`), dense, non-causal, 
 
 Each variant's output is checked against the plain one of the same loop (same mask: max abs difference).
 A variant that does not compile is recorded with its error. Writes
-results/attention/<gpu>-dropout-schedule-triton<version>.{json,md}.
+kernel_dev/results/<gpu>-dropout-schedule-triton<version>.{json,md}.
 
-    python scripts/dropout_schedule.py [--seqlens 1024 4096] [--out results/attention]
+    python kernel_dev/dropout_schedule.py [--seqlens 1024 4096] [--out kernel_dev/results]
 """
 
 import argparse
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernels.benchmark import environment, gpu_slug
+from kernels.flash_fwd import dropout_numbers, dropout_params, dropout_select, dropout_words
 
-from kernels.flash_fwd import dropout_numbers, dropout_params, dropout_select, dropout_words  # noqa: E402
-
+RESULTS = Path(__file__).resolve().parent / "results"
 BATCH, HEADS, HEAD_DIM = 16, 8, 64
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); Triton splits a loop into partitions only at 4 warps.
 TILES = {
@@ -208,10 +207,8 @@ def report(rows: list[dict]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seqlens", type=int, nargs="+", default=[1024, 4096])
-    ap.add_argument("--out", default="results/attention")
+    ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
-    from bench_attention import environment
-    from gpu_env import gpu_slug
 
     data = {"env": environment(), "rows": measure(args.seqlens)}
     out = Path(args.out)

@@ -1,42 +1,39 @@
 """What limits our kernels: Nsight Compute counters and every tile's time, paper setting on one GPU.
 
 Paper setting (batch 16, 8 heads, head dim 64, bf16, non-causal) at one N, three cases: `dense`,
-`dropout` (dropout_p = 0.1) and `sparse` (the butterfly block mask of `bench_attention.py`).
+`dropout` (dropout_p = 0.1) and `sparse` (the butterfly block mask of scripts/bench_attention.py).
 
 1. Counters. Run one case under `ncu`; the script autotunes first and then opens the profiler for one
    fwd+bwd only, so the report holds exactly that call's kernels. Then summarize the reports:
 
        for c in dense dropout sparse; do
          ncu --clock-control none --profile-from-start off --set full -f -o $c \\
-             python scripts/profile_kernels.py --case $c
+             python kernel_dev/profile_kernels.py --case $c
          ncu -i $c.ncu-rep --page raw --csv > $c.csv
        done
-       python scripts/profile_kernels.py --summarize dense.csv dropout.csv sparse.csv
+       python kernel_dev/profile_kernels.py --summarize dense.csv dropout.csv sparse.csv
 
    Per kernel: time, registers per thread, the blocks per SM that registers and shared memory allow,
    active warps, issue slots busy, tensor-pipe busy, DRAM bytes, L2 hit rate, and the largest stall
-   reasons (cycles per issued instruction). Writes `<gpu>-ncu.{json,md}`.
+   reasons (cycles per issued instruction). Writes kernel_dev/results/<gpu>-ncu.{json,md}.
 
 2. Tiles (`--tiles`): every autotuning config of the three kernels, plus register-capped ones
-   (`maxnreg`, which would fit a third or fourth program on an SM), timed by the autotuner for each
-   case. Writes `<gpu>-tiles.json`.
+   (`maxnreg`, which would fit a third or fourth program on an SM), timed for each case by autotuners
+   of this script's own (`tuning.autotuners`). Writes kernel_dev/results/<gpu>-tiles.json.
 """
 
 import argparse
 import csv
 import json
-import sys
 from pathlib import Path
 
 import torch
+from tuning import autotuners, fwd_bwd, tile_times
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernels import block_sparse_flash_attn_func, butterfly_block_mask, flash_attn_func
+from kernels.benchmark import environment, gpu_slug, tuned_configs
 
-import bench_attention as ba  # noqa: E402
-from dropout_cost import add_tiles, autotuners, tile_times  # noqa: E402
-from gpu_env import gpu_slug  # noqa: E402
-
-from kernels import block_sparse_flash_attn_func, butterfly_block_mask, flash_attn_func  # noqa: E402
+RESULTS = Path(__file__).resolve().parent / "results"
 
 # Register-capped tiles (BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg): 168 registers fit three
 # 128-thread programs on an SM where the uncapped 64x64 dK/dV tile (about 227) fits two.
@@ -64,7 +61,7 @@ STALL_PREFIX, STALL_SUFFIX = "smsp__average_warps_issue_stalled_", "_per_issue_a
 
 
 def cases(n: int) -> dict:
-    """name -> (attention function of (q, k, v), q, k, v, dout) at the paper setting."""
+    """name -> (attention function of (q, k, v), q, k, v, dout, dropout_p, block mask), paper setting."""
     torch.manual_seed(0)
     q, k, v = (
         torch.randn(16, n, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
@@ -76,12 +73,13 @@ def cases(n: int) -> dict:
         "dropout": lambda q, k, v: flash_attn_func(q, k, v, dropout_p=0.1),
         "sparse": lambda q, k, v: block_sparse_flash_attn_func(q, k, v, mask),
     }
-    return {name: (fn, q, k, v, dout) for name, fn in fns.items()}
+    args = {"dense": (0.0, None), "dropout": (0.1, None), "sparse": (0.0, mask)}
+    return {name: (fn, q, k, v, dout, *args[name]) for name, fn in fns.items()}
 
 
 def profile_one(case: str, n: int) -> None:
     """Autotune, then one fwd+bwd between cudaProfilerStart and cudaProfilerStop (for ncu)."""
-    fn, q, k, v, dout = cases(n)[case]
+    fn, q, k, v, dout, _, _ = cases(n)[case]
     for _ in range(3):
         torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
     torch.cuda.synchronize()
@@ -89,7 +87,7 @@ def profile_one(case: str, n: int) -> None:
     torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStop()
-    for line in ba.tuned_configs(n):
+    for line in tuned_configs(n):
         print(line)
 
 
@@ -122,7 +120,7 @@ def summarize(paths: list[str], out_dir: Path) -> None:
             stalls.pop("selected", None)
             row["top_stalls"] = {s: round(x, 2) for s, x in sorted(stalls.items(), key=lambda kv: -kv[1])[:5]}
             rows.append(row)
-    env = ba.environment()  # run where the reports were made: the GPU's name and clocks go with them
+    env = environment()  # run where the reports were made: the GPU's name and clocks go with them
     stem = out_dir / f"{gpu_slug(env['gpu'])}-ncu"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
@@ -131,8 +129,9 @@ def summarize(paths: list[str], out_dir: Path) -> None:
     lines = [
         f"# Nsight Compute counters, {env['gpu']}",
         "",
-        f"torch {env.get('torch')}, triton {env.get('triton')}, {env.get('date')}. `scripts/profile_kernels.py` "
-        "(paper setting, one fwd+bwd per case). Stalls: cycles per issued instruction.",
+        f"torch {env.get('torch')}, triton {env.get('triton')}, {env.get('date')}. "
+        "`kernel_dev/profile_kernels.py` (paper setting, one fwd+bwd per case). Stalls: cycles per issued "
+        "instruction.",
         "",
         "| " + " | ".join(cols) + " | top stalls |",
         "|" + "---|" * (len(cols) + 1),
@@ -146,14 +145,10 @@ def summarize(paths: list[str], out_dir: Path) -> None:
 
 def tiles(n: int, out_dir: Path) -> None:
     """Every config's kernel time (µs) per case, the register-capped ones included."""
-    tuners = autotuners()
-    for name, tuner in tuners.items():
-        add_tiles(tuner, CAPPED[name])
     rows = []
-    for case, (fn, q, k, v, dout) in cases(n).items():
-        for tuner in tuners.values():
-            tuner.cache.clear()
-        torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
+    for case, (_, q, k, v, dout, dropout_p, mask) in cases(n).items():
+        tuners = autotuners(CAPPED)  # new ones per case: each case tunes from scratch
+        fwd_bwd(tuners, *(x.detach() for x in (q, k, v)), dout, dropout_p, mask)
         row = {"case": case, "seqlen": n}
         for name, tuner in tuners.items():
             times = {c: round(t * 1000, 1) for c, t in tile_times(tuner).items()}
@@ -169,7 +164,7 @@ def tiles(n: int, out_dir: Path) -> None:
                 flush=True,
             )
         rows.append(row)
-    env = ba.environment()
+    env = environment()
     path = out_dir / f"{gpu_slug(env['gpu'])}-tiles.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
@@ -182,7 +177,7 @@ def main() -> None:
     ap.add_argument("--summarize", nargs="+", metavar="CSV", help="ncu raw CSVs, one per case")
     ap.add_argument("--tiles", action="store_true", help="time every tile, register caps included")
     ap.add_argument("--seqlen", type=int, default=4096)
-    ap.add_argument("--out", default="results/attention")
+    ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     if args.summarize:
         summarize(args.summarize, Path(args.out))

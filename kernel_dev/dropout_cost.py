@@ -1,7 +1,8 @@
 """Where does in-kernel dropout time go? Per-kernel times of our kernels with variants of the Philox words.
 
-Paper setting (batch 16, 8 heads, head dim 64, bf16, non-causal). Each variant runs in its own process
-(Triton resolves `dropout_words` when it first compiles a kernel). Variants:
+Paper setting (batch 16, 8 heads, head dim 64, bf16, non-causal). Each variant runs in its own process,
+through autotuners of this script's own (`tuning.autotuners`) whose configs set the kernels' DROPOUT_WORDS
+constexpr to the variant's word function. Variants:
 
     nodrop      dropout_p = 0 (the baseline)
     ours        the kernels' dropout: one Philox4x32-7 call per 16 thread-owned elements
@@ -10,16 +11,17 @@ Paper setting (batch 16, 8 heads, head dim 64, bf16, non-causal). Each variant r
 
 For each variant and sequence length the autotuner times every config of the forward, dK/dV and dQ
 kernels with CUDA-graph replays; the script prints the five fastest of each (kernel time alone) and
-writes all of them to --out. `--extra-configs` adds candidate tiles that the kernels do not list (more
-warps, register caps); `--jobs J` first compiles every config in J parallel processes so that the timed
-pass finds them in Triton's cache. Not a correctness test: ours0 and allkeep do not draw the kernels'
-dropout mask.
+writes all of them to kernel_dev/results/<gpu>-dropout-cost-triton<version>.json (--out: another folder).
+`--extra-configs` adds candidate tiles that the kernels do not list (more warps, register caps);
+`--jobs J` first compiles every config in J parallel processes so that the timed pass finds them in
+Triton's cache. Not a correctness test: ours0 and allkeep do not draw the kernels' dropout mask.
 
-    python scripts/dropout_cost.py [--seqlens 1024 2048 4096] [--variants nodrop,ours] [--jobs 14]
-    python scripts/dropout_cost.py --inspect     # no GPU: layout conversions and spills of each variant
+    python kernel_dev/dropout_cost.py [--seqlens 1024 2048 4096] [--variants nodrop,ours] [--jobs 14]
+    python kernel_dev/dropout_cost.py --inspect     # no GPU: layout conversions and spills of each variant
 
-`--inspect` compiles each kernel with dropout for sm_90 (as scripts/compile_kernels.py does) and counts the
-layout conversions (`ttg.convert_layout`) in its Triton GPU IR, then runs ptxas -v for registers and spills.
+`--inspect` compiles each kernel with dropout for sm_90 (`kernels.aot`, as scripts/compile_kernels.py does)
+and counts the layout conversions (`ttg.convert_layout`) in its Triton GPU IR, then runs ptxas -v for
+registers and spills.
 """
 
 import argparse
@@ -31,9 +33,11 @@ from pathlib import Path
 
 import triton
 import triton.language as tl
+from tuning import autotuners, fwd_bwd, tile_times
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernels.flash_fwd import dropout_words
 
+RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ["nodrop", "ours", "ours0", "allkeep"]
 KERNELS = ["fwd", "dkdv", "dq"]
 # Candidate tiles beyond the kernels' own lists: (BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg).
@@ -44,54 +48,21 @@ EXTRA_CONFIGS = {
 }
 
 
-def variant_functions() -> dict:
-    from kernels.flash_fwd import dropout_words
-
-    @triton.jit
-    def ours0(seed, bh, rows, start_n, BLOCK_N: tl.constexpr):
-        return dropout_words(seed, bh, rows, start_n, BLOCK_N, 0)
-
-    @triton.jit
-    def allkeep(seed, bh, rows, start_n, BLOCK_N: tl.constexpr):
-        r0, r1, r2, r3 = dropout_words(seed, bh, rows, start_n, BLOCK_N, 0)
-        return r0 * 0, r1 * 0, r2 * 0, r3 * 0  # number 0 is below every bound: kept
-
-    return dict(ours0=ours0, allkeep=allkeep)
+@triton.jit
+def ours0(seed, bh, rows, start_n, BLOCK_N: tl.constexpr):
+    return dropout_words(seed, bh, rows, start_n, BLOCK_N, 0)
 
 
-def use_variant(variant: str) -> None:
-    import kernels.flash_bwd
-    import kernels.flash_fwd
-
-    fn = variant_functions().get(variant)
-    if fn is not None:
-        kernels.flash_fwd.dropout_words = kernels.flash_bwd.dropout_words = fn
+@triton.jit
+def allkeep(seed, bh, rows, start_n, BLOCK_N: tl.constexpr):
+    r0, r1, r2, r3 = dropout_words(seed, bh, rows, start_n, BLOCK_N, 0)
+    return r0 * 0, r1 * 0, r2 * 0, r3 * 0  # number 0 is below every bound: kept
 
 
-def autotuners() -> dict:
-    import kernels.flash_bwd as b
-    import kernels.flash_fwd as f
-
-    return {"fwd": f._fwd_kernel, "dkdv": b._bwd_dkdv_kernel, "dq": b._bwd_dq_kernel}
-
-
-def config_name(c) -> str:
-    k = c.kwargs
-    cap = f" r{c.maxnreg}" if c.maxnreg else ""
-    return f"{k['BLOCK_M']}x{k['BLOCK_N']} w{c.num_warps} s{c.num_stages}{cap}"
-
-
-def add_tiles(tuner, tiles) -> None:
-    """Append tiles (BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg) to an autotuner's configs."""
-    tuner.configs = tuner.configs + [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, maxnreg=r)
-        for bm, bn, w, s, r in tiles
-    ]
-
-
-def tile_times(tuner) -> dict:
-    """`config_name` -> median time (ms) of every config the autotuner timed at its last tuning."""
-    return {config_name(c): t[0] for c, t in tuner.configs_timings.items()}
+def words(variant: str):
+    """The variant's Philox word function, passed to the kernels as DROPOUT_WORDS (`dropout_words`'s
+    arguments)."""
+    return {"ours0": ours0, "allkeep": allkeep}.get(variant, dropout_words)
 
 
 def measure(variant: str, seqlens: list[int], extra: bool, compile_only: str | None) -> list[dict]:
@@ -101,23 +72,18 @@ def measure(variant: str, seqlens: list[int], extra: bool, compile_only: str | N
     """
     import torch
 
-    from kernels import flash_attn_func
+    def once(kernel_call, quantiles=None):
+        kernel_call()
+        torch.cuda.synchronize()
+        return [1.0, 1.0, 1.0]
 
-    use_variant(variant)
-    tuners = autotuners()
-    for name, tuner in tuners.items():
-        if extra:
-            add_tiles(tuner, EXTRA_CONFIGS[name])
-        if compile_only:
+    tuners = autotuners(
+        EXTRA_CONFIGS if extra else None, {"DROPOUT_WORDS": words(variant)}, once if compile_only else None
+    )
+    if compile_only:  # the other kernels keep their first config
+        for name, tuner in tuners.items():
             if name != compile_only:
                 tuner.configs = tuner.configs[:1]
-
-            def once(kernel_call, quantiles=None):
-                kernel_call()
-                torch.cuda.synchronize()
-                return [1.0, 1.0, 1.0]
-
-            tuner._do_bench = once
     p = 0.0 if variant == "nodrop" else 0.1
     rows = []
     for n in seqlens:
@@ -126,7 +92,7 @@ def measure(variant: str, seqlens: list[int], extra: bool, compile_only: str | N
             torch.randn(16, n, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             for _ in range(3)
         )
-        flash_attn_func(q, k, v, dropout_p=p).backward(torch.randn_like(q))
+        fwd_bwd(tuners, q, k, v, torch.randn_like(q), dropout_p=p)
         if compile_only:
             continue
         row = dict(variant=variant, seqlen=n)
@@ -141,12 +107,11 @@ def inspect(variants: list[str]) -> None:
     import re
     import tempfile
 
-    from compile_kernels import compile_kernel, first_configs
+    from kernels.aot import compile_kernel, first_configs
 
-    flags = dict(IS_CAUSAL=False, DROPOUT_MODE=1, IS_VARLEN=False)
     bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     for variant in variants:
-        use_variant(variant)
+        flags = dict(IS_CAUSAL=False, DROPOUT_MODE=1, IS_VARLEN=False, DROPOUT_WORDS=words(variant))
         for name, (fn, tiles, warps, stages) in first_configs(dropout=True).items():
             k = compile_kernel(fn, {**flags, **tiles}, 90, warps, stages)
             converts = k.asm["ttgir"].count("ttg.convert_layout")
@@ -171,7 +136,7 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--extra-configs", action="store_true", help="also time EXTRA_CONFIGS")
     ap.add_argument("--jobs", type=int, default=0, help="compile every config first, in J processes")
-    ap.add_argument("--out", default="dropout_cost.json")
+    ap.add_argument("--out", default=str(RESULTS), help="folder for <gpu>-dropout-cost-triton<version>.json")
     ap.add_argument("--inspect", action="store_true", help="compile for sm_90 and count, no GPU needed")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--compile-only", help=argparse.SUPPRESS)
@@ -185,7 +150,7 @@ def main() -> None:
             print("RESULT " + json.dumps(rows), flush=True)
         return
     if args.inspect:
-        for variant in variants:  # one process per variant: Triton resolves dropout_words once per process
+        for variant in variants:  # one process per variant, as in the timed runs
             if variant != "nodrop":
                 cmd = [sys.executable, __file__, "--inspect", "--child", variant]
                 r = subprocess.run(cmd, capture_output=True, text=True)
@@ -204,9 +169,11 @@ def main() -> None:
             time.sleep(1)
             running = [p for p in running if p.poll() is None]
         print(f"compiled every config in {time.time() - t0:.0f} s", flush=True)
-    from bench_attention import environment  # GPU name, clocks, versions, date, command
+    from kernels.benchmark import environment, gpu_slug
 
     data = {"env": environment(), "rows": []}
+    path = Path(args.out) / f"{gpu_slug(data['env']['gpu'])}-dropout-cost-triton{triton.__version__}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     for variant in variants:
         r = subprocess.run([*base, "--child", variant], capture_output=True, text=True)
         lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
@@ -221,7 +188,7 @@ def main() -> None:
             for name in KERNELS:
                 top = sorted(row[name].items(), key=lambda kv: kv[1])[:5]
                 print(f"   {name:5s}", "  ".join(f"{c}: {t * 1000:.0f} us" for c, t in top), flush=True)
-        Path(args.out).write_text(json.dumps(data, indent=1))
+        path.write_text(json.dumps(data, indent=1))
 
 
 if __name__ == "__main__":
