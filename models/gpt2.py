@@ -22,6 +22,7 @@ from models.layers import (
     TransformerCost,
     check_attn_impl,
     choose_attn_impl,
+    compute_dtype,
     init_gpt2_weights,
     run_blocks,
 )
@@ -114,11 +115,7 @@ class GPT2(TransformerCost, nn.Module):
         """attn_impl, with "auto" resolved for `device` and the compute dtype (logged when it changes)."""
         if self.attn_impl != "auto":
             return self.attn_impl
-        # The dtype attention will see: autocast's if it is on, else the weights'.
-        if torch.is_autocast_enabled(device.type):
-            dtype = torch.get_autocast_dtype(device.type)
-        else:
-            dtype = self.transformer.wte.weight.dtype
+        dtype = compute_dtype(device, self.transformer.wte.weight.dtype)  # what attention will see
         head_dim = self.n_embd // self.n_head
         choice = choose_attn_impl(device, dtype, head_dim)
         if choice != self._auto_choice:

@@ -57,11 +57,11 @@ def choose_attn_impl(device: torch.device, dtype: torch.dtype, head_dim: int) ->
     return "flash" if device.type == "cuda" and half and head_dim in HEAD_DIMS else "sdpa"
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the matmuls on `x` run in: autocast's where it is on, else x's own."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
+def compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype matmuls on `device` run in for inputs of `dtype`: autocast's where it is on, else `dtype`."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return dtype
 
 
 @dataclass(frozen=True)
@@ -121,9 +121,7 @@ class Attention(nn.Module):
         key_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """q, k, v (B, T, H, D) -> (B, T, H, D) with this module's implementation."""
-        impl = self.attn_impl
-        if impl == "auto":
-            impl = choose_attn_impl(q.device, q.dtype, self.head_dim)
+        impl = self.resolved_impl(q.device, q.dtype)
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, T): keys kept
         if impl == "flash" and mask is None:
             return flash_attn_func(q, k, v, dropout_p=dropout_p, causal=self.causal)
@@ -146,6 +144,10 @@ class Attention(nn.Module):
             )
             return y.transpose(1, 2)
         raise ValueError(f"attn_impl={impl!r} with a key mask: unpad the batch (run_blocks does) instead")
+
+    def resolved_impl(self, device: torch.device, dtype: torch.dtype) -> str:
+        """attn_impl, with "auto" resolved for q, k, v of `dtype` on `device` (`choose_attn_impl`)."""
+        return choose_attn_impl(device, dtype, self.head_dim) if self.attn_impl == "auto" else self.attn_impl
 
     def block_mask(self, seqlen: int, device: torch.device) -> torch.Tensor:
         """The butterfly block mask for `seqlen` positions, built once per length and device."""
@@ -226,11 +228,7 @@ def run_blocks(
             f"tokens), got {tuple(attention_mask.shape)} on {attention_mask.device}"
         )
     mask = attention_mask.bool()
-    first = blocks[0].attn
-    impl = first.attn_impl
-    if impl == "auto":
-        impl = choose_attn_impl(x.device, compute_dtype(x), first.head_dim)
-    if impl != "flash":
+    if blocks[0].attn.resolved_impl(x.device, compute_dtype(x.device, x.dtype)) != "flash":
         h = x
         for block in blocks:
             h = block(h, key_mask=mask)

@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data.mlm import IGNORE  # the label of positions that are not predicted
 from models.tasks.base import Batch, TaskModule, at_least_fp32, loss_and_accuracy
-
-IGNORE = -100  # label of the positions that are not predicted
 
 
 def masked_logits(net: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
